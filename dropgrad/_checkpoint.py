@@ -1,0 +1,203 @@
+"""Checkpoints: DropGrad's state dict, built and loaded.
+
+A DropGrad state dict is the wrapped optimizer's own state dict with one extra
+key, ``"dropgrad"``, holding the rates, scheduler states, generator states and
+counters. Parameters are referred to by their integer position in
+``param_groups`` (torch's convention), so a checkpoint loads into a fresh model.
+Scheduler objects never enter the dict: a rate that is a scheduler is stored as
+``{"scheduler": index}`` and the scheduler's own ``state_dict()`` is stored in a
+list, so everything loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._rates import check_full_update_drop, check_probability
+from .dropgrad_scheduler import DropRateScheduler
+from .functional import check_distribution
+
+if TYPE_CHECKING:
+    from .dropgrad_opt import DropGrad, Rate
+
+__all__ = ["FORMAT_VERSION", "SECTION_KEY", "build_state_dict", "load_state_dict"]
+
+SECTION_KEY = "dropgrad"
+FORMAT_VERSION = 1
+_SECTION_FIELDS = (
+    "format_version",
+    "drop_rate",
+    "param_drop_rates",
+    "full_update_drop",
+    "distribution",
+    "schedulers",
+    "generators",
+    "step_count",
+    "skipped_count",
+    "last_step_skipped",
+)
+
+
+def _encode(rate: Rate, scheduler_index: Mapping[int, int]) -> Any:
+    if isinstance(rate, DropRateScheduler):
+        return {"scheduler": scheduler_index[id(rate)]}
+    return rate
+
+
+def _describe(rate: Any) -> str:
+    if isinstance(rate, DropRateScheduler):
+        return f"a {type(rate).__name__}"
+    if isinstance(rate, Mapping):
+        return "a drop-rate scheduler"
+    return f"the fixed rate {rate!r}"
+
+
+def _decode(saved: Any, current: Rate, where: str, scheduler_index: Mapping[int, int]) -> Rate:
+    """The rate to use after loading; schedulers must line up with the checkpoint's."""
+    if isinstance(saved, Mapping) != isinstance(current, DropRateScheduler):
+        raise ValueError(
+            f"cannot load state_dict: {where} is {_describe(saved)} in the checkpoint but "
+            f"{_describe(current)} in this DropGrad; construct DropGrad with the same kind "
+            "of rate (fixed or scheduler) before loading"
+        )
+    if isinstance(current, DropRateScheduler):
+        index = scheduler_index[id(current)]
+        if saved.get("scheduler") != index:
+            raise ValueError(
+                f"cannot load state_dict: {where} uses scheduler {saved.get('scheduler')!r} "
+                f"in the checkpoint but scheduler {index} in this DropGrad"
+            )
+        return current
+    if saved is None:
+        return None
+    return check_probability(saved, f"state_dict {where}")
+
+
+def build_state_dict(opt: DropGrad) -> dict[str, Any]:
+    """The wrapped optimizer's state dict plus DropGrad's own section."""
+    schedulers = opt._schedulers()
+    scheduler_index = {id(s): i for i, s in enumerate(schedulers)}
+    state = dict(opt.optimizer.state_dict())
+    groups = []
+    for group in state["param_groups"]:
+        group = dict(group)
+        if "drop_rate" in group:
+            group["drop_rate"] = _encode(group["drop_rate"], scheduler_index)
+        groups.append(group)
+    state["param_groups"] = groups
+    position = {param: i for i, param in enumerate(opt._all_params())}
+    state[SECTION_KEY] = {
+        "format_version": FORMAT_VERSION,
+        "drop_rate": _encode(opt._default_rate, scheduler_index),
+        "param_drop_rates": {
+            position[param]: _encode(rate, scheduler_index)
+            for param, rate in opt._param_rates.items()
+        },
+        "full_update_drop": opt.full_update_drop,
+        "distribution": opt.distribution,
+        "schedulers": [s.state_dict() for s in schedulers],
+        "generators": opt._generators.state_dict(),
+        "step_count": opt.step_count,
+        "skipped_count": opt.skipped_count,
+        "last_step_skipped": opt.last_step_skipped,
+    }
+    return state
+
+
+def _check_section(section: Any) -> Mapping[str, Any]:
+    if not isinstance(section, Mapping):
+        raise ValueError(
+            f"cannot load state_dict: its {SECTION_KEY!r} entry must be a dict, "
+            f"got {type(section).__name__}"
+        )
+    missing = [field for field in _SECTION_FIELDS if field not in section]
+    if missing:
+        raise ValueError(f"cannot load state_dict: the {SECTION_KEY!r} entry lacks {missing}")
+    if section["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"cannot load state_dict: format_version {section['format_version']!r} is not "
+            f"supported (this dropgrad reads version {FORMAT_VERSION})"
+        )
+    return section
+
+
+def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
+    """Load a state dict made by :func:`build_state_dict` (or a plain optimizer's).
+
+    Everything is validated before anything is changed, so a state dict that
+    does not fit leaves the optimizer as it was.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    base_state = {key: value for key, value in state_dict.items() if key != SECTION_KEY}
+    if SECTION_KEY not in state_dict:
+        # A plain optimizer checkpoint: load it into the wrapped optimizer and
+        # keep DropGrad's own configuration.
+        opt.optimizer.load_state_dict(base_state)
+        return
+    section = _check_section(state_dict[SECTION_KEY])
+
+    schedulers = opt._schedulers()
+    scheduler_index = {id(s): i for i, s in enumerate(schedulers)}
+    if len(section["schedulers"]) != len(schedulers):
+        raise ValueError(
+            f"cannot load state_dict: it holds {len(section['schedulers'])} drop-rate "
+            f"scheduler(s) but this DropGrad has {len(schedulers)}"
+        )
+    default = _decode(section["drop_rate"], opt._default_rate, "drop_rate", scheduler_index)
+
+    params = opt._all_params()
+    param_rates: dict[torch.Tensor, Rate] = {}
+    for position, saved in section["param_drop_rates"].items():
+        if not isinstance(position, int) or not 0 <= position < len(params):
+            raise ValueError(
+                f"cannot load state_dict: it has a per-parameter rate for parameter "
+                f"{position!r} but the optimizer has {len(params)} parameters"
+            )
+        param = params[position]
+        current = opt._param_rates.get(param)
+        where = f"the rate of parameter {position}"
+        param_rates[param] = _decode(saved, current, where, scheduler_index)
+    for param, current in opt._param_rates.items():
+        if isinstance(current, DropRateScheduler) and param not in param_rates:
+            raise ValueError(
+                "cannot load state_dict: this DropGrad has a scheduler for a parameter "
+                "that has no per-parameter rate in the checkpoint"
+            )
+
+    saved_groups = base_state.get("param_groups", [])
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(
+            f"cannot load state_dict: it has {len(saved_groups)} parameter group(s) but "
+            f"the optimizer has {len(opt.param_groups)}"
+        )
+    group_schedulers: dict[int, DropRateScheduler] = {}
+    for i, (saved_group, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        saved = saved_group.get("drop_rate")
+        current = group.get("drop_rate")
+        if isinstance(saved, Mapping) or isinstance(current, DropRateScheduler):
+            where = f"param_groups[{i}]['drop_rate']"
+            decoded = _decode(saved, current, where, scheduler_index)
+            assert isinstance(decoded, DropRateScheduler)
+            group_schedulers[i] = decoded
+
+    full_update_drop = check_full_update_drop(section["full_update_drop"], default)
+    distribution = check_distribution(section["distribution"])
+
+    opt.optimizer.load_state_dict(base_state)
+    # The wrapped optimizer deep-copies group entries; put the live schedulers back.
+    for i, scheduler in group_schedulers.items():
+        opt.param_groups[i]["drop_rate"] = scheduler
+    for scheduler, scheduler_state in zip(schedulers, section["schedulers"]):
+        scheduler.load_state_dict(scheduler_state)
+    opt._default_rate = default
+    opt._param_rates = param_rates
+    opt._full_update_drop = full_update_drop
+    opt.distribution = distribution
+    opt._generators.load_state_dict(section["generators"])
+    opt.step_count = int(section["step_count"])
+    opt.skipped_count = int(section["skipped_count"])
+    opt.last_step_skipped = bool(section["last_step_skipped"])

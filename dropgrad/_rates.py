@@ -1,0 +1,128 @@
+"""Validation of drop rates and resolution of per-parameter rate maps.
+
+Every public entry point that accepts a probability funnels it through
+:func:`check_probability`, so the error messages have one shape: they name the
+argument, show the value and state the valid range.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "check_full_update_drop",
+    "check_probability",
+    "match_names",
+    "named_parameters_of",
+]
+
+
+def check_probability(value: Any, argument: str) -> float:
+    """Return ``value`` as a float in ``[0, 1]`` or raise.
+
+    Raises:
+        TypeError: ``value`` is a bool, a string or anything that is not a real number.
+        ValueError: ``value`` is NaN, infinite or outside ``[0, 1]``.
+    """
+    # bool is a subclass of int; True as a rate is almost always a mistake.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{argument} must be a float in [0, 1], got {type(value).__name__} {value!r}"
+        )
+    rate = float(value)
+    if math.isnan(rate) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"{argument} must be in [0, 1], got {value!r}")
+    return rate
+
+
+def check_full_update_drop(value: Any, default_rate: object) -> bool | float:
+    """Validate ``full_update_drop``: ``False``, ``True`` or a probability.
+
+    ``True`` borrows the current default drop rate as the skip probability, so
+    it needs one: ``default_rate`` must not be ``None``.
+
+    Raises:
+        TypeError: ``value`` is neither a bool nor a real number.
+        ValueError: ``value`` is outside ``[0, 1]`` or NaN, or it is ``True``
+            while the default drop rate is ``None``.
+    """
+    if isinstance(value, bool):
+        if value and default_rate is None:
+            raise ValueError(
+                "full_update_drop=True takes its skip probability from drop_rate, but "
+                "drop_rate is None; pass a float full_update_drop instead"
+            )
+        return value
+    if not isinstance(value, numbers.Real):
+        raise TypeError(
+            "full_update_drop must be a bool or a float in [0, 1], "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return check_probability(value, "full_update_drop")
+
+
+def named_parameters_of(
+    param_groups: Iterable[Mapping[str, Any]],
+) -> list[tuple[str, torch.Tensor]]:
+    """The ``(name, parameter)`` pairs an optimizer knows names for.
+
+    Names come from a group's ``param_names`` list (torch fills it when the
+    optimizer was built from ``model.named_parameters()``) or, failing that, from
+    a group's ``name`` entry, which then names every parameter of the group.
+    """
+    named: list[tuple[str, torch.Tensor]] = []
+    for group in param_groups:
+        params = group["params"]
+        names = group.get("param_names")
+        if names is not None and len(names) == len(params):
+            named.extend(zip(names, params))
+        elif isinstance(group.get("name"), str):
+            named.extend((group["name"], p) for p in params)
+    return named
+
+
+def _prefix_match_length(key: str, name: str) -> int | None:
+    """Specificity of ``key`` as a match for ``name``; ``None`` when it does not match.
+
+    A key matches its exact name or any name below it as a dotted module prefix:
+    ``'encoder'`` matches ``'encoder.0.weight'`` but not ``'encoder2.weight'``.
+    An exact match outranks every prefix match.
+    """
+    if name == key:
+        return len(key) + 1
+    if name.startswith(key + "."):
+        return len(key)
+    return None
+
+
+def match_names(
+    keys: Iterable[str], named: list[tuple[str, torch.Tensor]]
+) -> dict[torch.Tensor, str]:
+    """Map each named parameter to the most specific key that matches it.
+
+    Raises:
+        ValueError: a key matches no parameter name.
+    """
+    best: dict[torch.Tensor, tuple[int, str]] = {}
+    for key in keys:
+        matched = False
+        for name, param in named:
+            length = _prefix_match_length(key, name)
+            if length is None:
+                continue
+            matched = True
+            current = best.get(param)
+            if current is None or length > current[0]:
+                best[param] = (length, key)
+        if not matched:
+            examples = ", ".join(repr(n) for n, _ in named[:5])
+            raise ValueError(
+                f"params key {key!r} matches no parameter name; a key must be an exact "
+                f"name or a dotted module prefix of one (known names include {examples})"
+            )
+    return {param: key for param, (_, key) in best.items()}

@@ -1,0 +1,505 @@
+"""The DropGrad optimizer: mask gradients, then delegate to the wrapped optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _checkpoint
+from ._masking import bernoulli_chunked_, bernoulli_reference_, gaussian_
+from ._random import DeviceGenerators, resolve_seed
+from ._rates import check_full_update_drop, check_probability, match_names, named_parameters_of
+from .dropgrad_scheduler import DropRateScheduler
+from .functional import check_distribution
+
+__all__ = ["DropGrad", "Rate"]
+
+#: A drop rate as DropGrad accepts it: a probability, ``None`` (never drop) or a scheduler.
+Rate: TypeAlias = "float | None | DropRateScheduler"
+
+_MISSING = object()
+# Hook dictionaries may hold lambdas; like torch.optim, do not pickle them.
+_HOOK_ATTRIBUTES = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+def _check_rate(value: Any, argument: str) -> Rate:
+    """A rate as DropGrad accepts it: ``None``, a scheduler, or a probability."""
+    if value is None or isinstance(value, DropRateScheduler):
+        return value
+    return check_probability(value, argument)
+
+
+class _SharedWithWrapped:
+    """An attribute that lives on the wrapped optimizer.
+
+    ``param_groups``, ``state`` and ``defaults`` must be the wrapped optimizer's
+    own objects, even after its ``load_state_dict`` replaces them, so DropGrad
+    reads them through on every access. ``Optimizer.__init__`` assigns them
+    before the wrapped optimizer is attached; those throwaway values are kept on
+    the instance until then.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.local_name = f"_before_wrap_{name}"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        wrapped = obj.__dict__.get("optimizer")
+        if wrapped is None:
+            return obj.__dict__[self.local_name]
+        return getattr(wrapped, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        wrapped = obj.__dict__.get("optimizer")
+        if wrapped is None:
+            obj.__dict__[self.local_name] = value
+        else:
+            setattr(wrapped, self.name, value)
+
+
+class DropGrad(Optimizer):
+    r"""Wrap an optimizer so that each step sees randomly dropped gradients.
+
+    Before the wrapped optimizer's ``step()``, every gradient element is zeroed
+    independently with probability :math:`p` (the parameter's drop rate) and the
+    survivors are divided by the keep probability, so the expected gradient is
+    unchanged:
+
+    .. math::
+        \tilde g_i = \frac{m_i}{1 - p} g_i, \qquad m_i \sim \mathrm{Bernoulli}(1 - p).
+
+    DropGrad is a real :class:`torch.optim.Optimizer` that shares the wrapped
+    optimizer's ``param_groups``, ``state`` and ``defaults``: LR schedulers,
+    ``torch.amp.GradScaler`` and training frameworks accept it, and its
+    ``state_dict()`` checkpoints both optimizers.
+
+    Args:
+        optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
+        drop_rate: default rate for every parameter: a float in ``[0, 1]``,
+            ``None`` (parameters without their own rate are not masked) or a
+            :class:`DropRateScheduler`. Default ``None``.
+        params: optional per-parameter rates: a dict from a ``Parameter`` of
+            ``optimizer``, or a parameter name / dotted module prefix (e.g.
+            ``'encoder'``), to a rate. The most specific key wins; a
+            ``Parameter`` key beats any name. A param group's own
+            ``'drop_rate'`` entry sits between these and ``drop_rate``.
+        drop_rate_scheduler: a :class:`DropRateScheduler` giving the default
+            rate; an alternative to passing one as ``drop_rate``.
+        full_update_drop: ``False`` (default), ``True`` or a probability ``q``.
+            When on, each step is skipped entirely with probability ``q``
+            (``True``: ``q`` is the current default rate) and otherwise every
+            gradient is also divided by ``1 - q``.
+        distribution: ``"bernoulli"`` (default) or ``"gaussian"``, which
+            multiplies each element by noise from ``N(1, p / (1 - p))``.
+        seed: seed of DropGrad's own generators (an int in ``[0, 2**63)``).
+            ``None`` (default) draws one from torch's global RNG now, so
+            ``torch.manual_seed`` makes a run reproducible; under
+            ``torch.distributed`` rank 0's draw is used on every rank.
+
+    Raises:
+        TypeError: ``optimizer`` is not an Optimizer, or an argument has the
+            wrong type (bools and strings are not rates).
+        ValueError: a rate is outside ``[0, 1]`` or NaN, no rate source is
+            given, both ``drop_rate`` and ``drop_rate_scheduler`` are given, a
+            ``params`` key does not belong to the optimizer, or
+            ``full_update_drop=True`` has no default rate to borrow.
+
+    Attributes:
+        optimizer: the wrapped optimizer.
+        step_count: number of ``step()`` calls made, skipped ones included.
+        skipped_count: number of steps skipped by full update drop.
+        last_step_skipped: whether the most recent step was skipped.
+
+    Examples:
+        >>> net = torch.nn.Linear(4, 2)
+        >>> opt = DropGrad(torch.optim.SGD(net.parameters(), lr=0.1), drop_rate=0.1, seed=0)
+        >>> net(torch.randn(3, 4)).sum().backward()
+        >>> opt.step(); opt.zero_grad()
+        >>> opt.step_count
+        1
+    """
+
+    param_groups = _SharedWithWrapped()
+    state = _SharedWithWrapped()
+    defaults = _SharedWithWrapped()
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        drop_rate: float | DropRateScheduler | None = None,
+        params: Mapping[Tensor | str, float | DropRateScheduler | None] | None = None,
+        *,
+        drop_rate_scheduler: DropRateScheduler | None = None,
+        full_update_drop: bool | float = False,
+        distribution: str = "bernoulli",
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        default = _check_rate(drop_rate, "drop_rate")
+        if drop_rate_scheduler is not None:
+            if not isinstance(drop_rate_scheduler, DropRateScheduler):
+                raise TypeError(
+                    "drop_rate_scheduler must be a DropRateScheduler, "
+                    f"got {type(drop_rate_scheduler).__name__}"
+                )
+            if default is not None:
+                raise ValueError(
+                    f"pass drop_rate or drop_rate_scheduler, not both (got drop_rate="
+                    f"{drop_rate!r} and drop_rate_scheduler={drop_rate_scheduler!r})"
+                )
+            default = drop_rate_scheduler
+        for i, group in enumerate(optimizer.param_groups):
+            if "drop_rate" in group:
+                _check_rate(group["drop_rate"], f"param_groups[{i}]['drop_rate']")
+        param_rates = self._resolve_params(optimizer, params)
+        if (
+            default is None
+            and not param_rates
+            and not any("drop_rate" in g for g in optimizer.param_groups)
+        ):
+            raise ValueError(
+                "DropGrad needs a drop rate: pass drop_rate, drop_rate_scheduler or params "
+                "(or give a param group a 'drop_rate' entry)"
+            )
+        full_update_drop = check_full_update_drop(full_update_drop, default)
+        distribution = check_distribution(distribution)
+        seed = resolve_seed(seed)
+
+        # Optimizer.__init__ sets up the hook dictionaries and wraps step() so
+        # step hooks fire; the empty group it builds is discarded once the
+        # wrapped optimizer is attached (see _SharedWithWrapped).
+        super().__init__([{"params": []}], {})
+        self.optimizer = optimizer
+        for name in ("param_groups", "state", "defaults"):
+            self.__dict__.pop(f"_before_wrap_{name}", None)
+
+        self._default_rate: Rate = default
+        self._param_rates: dict[Tensor, Rate] = param_rates
+        self._full_update_drop: bool | float = full_update_drop
+        self.distribution = distribution
+        self._generators = DeviceGenerators(seed)
+        self.step_count = 0
+        self.skipped_count = 0
+        self.last_step_skipped = False
+        # "chunked" is the fast path; "reference" the plain one it is tested against.
+        self._mask_impl = "chunked"
+
+    # ------------------------------------------------------------------ rates
+
+    @staticmethod
+    def _resolve_params(
+        optimizer: Optimizer, params: Mapping[Tensor | str, Any] | None
+    ) -> dict[Tensor, Rate]:
+        """Turn the ``params`` argument into a map from each parameter to its own rate."""
+        if params is None:
+            return {}
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                "params must be a dict mapping Parameters or parameter names to drop "
+                f"rates, got {type(params).__name__}"
+            )
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        by_param: dict[Tensor, Rate] = {}
+        by_name: dict[str, Rate] = {}
+        for key, value in params.items():
+            if isinstance(key, Tensor):
+                label = f"params[<tensor of shape {tuple(key.shape)}>]"
+                if id(key) not in known:
+                    raise ValueError(
+                        f"{label}: this tensor is not updated by the wrapped optimizer; "
+                        "use parameters from its param_groups (or add them first)"
+                    )
+                by_param[key] = _check_rate(value, label)
+            elif isinstance(key, str):
+                by_name[key] = _check_rate(value, f"params[{key!r}]")
+            else:
+                raise TypeError(
+                    "params keys must be Parameters or parameter-name strings, "
+                    f"got {type(key).__name__} {key!r}"
+                )
+        resolved: dict[Tensor, Rate] = {}
+        if by_name:
+            named = named_parameters_of(optimizer.param_groups)
+            if not named:
+                first = next(iter(by_name))
+                raise ValueError(
+                    f"params has string keys such as {first!r} but the wrapped optimizer "
+                    "has no parameter names; build it from model.named_parameters(), give "
+                    "each param group a 'name' entry, or key params by Parameter"
+                )
+            for param, key in match_names(by_name, named).items():
+                resolved[param] = by_name[key]
+        # A Parameter key is more specific than any name.
+        resolved.update(by_param)
+        return resolved
+
+    @staticmethod
+    def _current(rate: Rate, where: str) -> float | None:
+        """The value of a rate at this step: schedulers are asked and checked."""
+        if isinstance(rate, DropRateScheduler):
+            value = rate.get_drop_rate()
+            label = (
+                f"{where}: {type(rate).__name__}.get_drop_rate() at step_count={rate.step_count}"
+            )
+            return check_probability(value, label)
+        return rate
+
+    def _group_rate(
+        self, index: int, group: Mapping[str, Any], default: float | None
+    ) -> float | None:
+        if "drop_rate" not in group:
+            return default
+        where = f"param_groups[{index}]['drop_rate']"
+        return self._current(_check_rate(group["drop_rate"], where), where)
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _plan(self) -> list[tuple[Tensor, float | None]]:
+        """Each parameter with the rate it gets at this step."""
+        default = self._current(self._default_rate, "drop_rate")
+        plan: list[tuple[Tensor, float | None]] = []
+        for i, group in enumerate(self.param_groups):
+            group_rate = self._group_rate(i, group, default)
+            for param in group["params"]:
+                own = self._param_rates.get(param, _MISSING)
+                if own is _MISSING:
+                    plan.append((param, group_rate))
+                else:
+                    plan.append((param, self._current(own, "params")))  # type: ignore[arg-type]
+        return plan
+
+    def _schedulers(self) -> list[DropRateScheduler]:
+        """Every distinct scheduler in use, in a fixed order: default, groups, parameters."""
+        candidates: list[Any] = [self._default_rate]
+        candidates += [group.get("drop_rate") for group in self.param_groups]
+        candidates += [self._param_rates.get(p) for p in self._all_params()]
+        unique: dict[int, DropRateScheduler] = {}
+        for rate in candidates:
+            if isinstance(rate, DropRateScheduler):
+                unique.setdefault(id(rate), rate)
+        return list(unique.values())
+
+    @property
+    def drop_rate(self) -> float | None:
+        """The default rate at the next step (a scheduler's current value when one is set).
+
+        Assigning a float, ``None`` or a scheduler replaces the default from the
+        next step on.
+        """
+        return self._current(self._default_rate, "drop_rate")
+
+    @drop_rate.setter
+    def drop_rate(self, value: float | DropRateScheduler | None) -> None:
+        rate = _check_rate(value, "drop_rate")
+        check_full_update_drop(self._full_update_drop, rate)
+        self._default_rate = rate
+
+    @property
+    def drop_rate_scheduler(self) -> DropRateScheduler | None:
+        """The scheduler behind the default rate, or ``None``."""
+        rate = self._default_rate
+        return rate if isinstance(rate, DropRateScheduler) else None
+
+    @property
+    def full_update_drop(self) -> bool | float:
+        """``False``, ``True`` (skip with the default rate) or the skip probability."""
+        return self._full_update_drop
+
+    @full_update_drop.setter
+    def full_update_drop(self, value: bool | float) -> None:
+        self._full_update_drop = check_full_update_drop(value, self._default_rate)
+
+    def get_drop_rates(self) -> list[float | None]:
+        """The rate each param group gets at the next step, like ``get_last_lr()``.
+
+        A parameter with its own rate in ``params`` overrides its group's; see
+        :meth:`get_param_drop_rates`.
+        """
+        default = self.drop_rate
+        return [self._group_rate(i, g, default) for i, g in enumerate(self.param_groups)]
+
+    def get_param_drop_rates(self) -> dict[str, float | None]:
+        """The next-step rate of each parameter that has its own rate in ``params``.
+
+        Keys are parameter names where the optimizer knows them, else
+        ``"param_groups[i][j]"``.
+        """
+        names = {id(p): n for n, p in named_parameters_of(self.param_groups)}
+        rates: dict[str, float | None] = {}
+        for i, group in enumerate(self.param_groups):
+            for j, param in enumerate(group["params"]):
+                if param in self._param_rates:
+                    key = names.get(id(param), f"param_groups[{i}][{j}]")
+                    rates[key] = self._current(self._param_rates[param], key)
+        return rates
+
+    # ------------------------------------------------------------------ steps
+
+    def _skip_probability(self) -> float:
+        setting = self._full_update_drop
+        if setting is False:
+            return 0.0
+        if setting is True:
+            return self.drop_rate or 0.0
+        return float(setting)
+
+    def _kernel(self) -> Callable[..., None]:
+        if self.distribution == "gaussian":
+            return gaussian_
+        return bernoulli_reference_ if self._mask_impl == "reference" else bernoulli_chunked_
+
+    @torch.no_grad()
+    def _apply_masks(self, plan: list[tuple[Tensor, float | None]], scale: float) -> None:
+        """Mask every gradient in place, grouped so one draw serves many tensors."""
+        buckets: dict[tuple[torch.device, torch.dtype, float], list[Tensor]] = {}
+        unmasked: list[Tensor] = []
+        for param, rate in plan:
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                # Mask logical elements: duplicate indices must be summed first.
+                grad = grad.coalesce()
+                param.grad = grad
+                grad = grad._values()
+            if not rate:
+                unmasked.append(grad)
+                continue
+            buckets.setdefault((grad.device, grad.dtype, rate), []).append(grad)
+        if scale != 1.0 and unmasked:
+            torch._foreach_mul_(unmasked, scale)
+        kernel = self._kernel()
+        for (device, _, rate), grads in buckets.items():
+            kernel(grads, rate, self._generators.get(device), scale)
+
+    def _finish_step(self, skipped: bool) -> None:
+        for scheduler in self._schedulers():
+            scheduler.step()
+        self.step_count += 1
+        self.skipped_count += int(skipped)
+        self.last_step_skipped = skipped
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Mask the gradients and run the wrapped optimizer's step.
+
+        With a ``closure`` (e.g. LBFGS) the gradients are masked after every
+        evaluation, so the wrapped optimizer never sees an unmasked gradient.
+        When full update drop skips the step, the wrapped ``step()`` is not
+        called at all, but the closure is still evaluated once and its loss
+        returned. Schedulers advance once per call either way.
+
+        Returns:
+            The loss from ``closure``, or whatever the wrapped ``step()`` returns.
+        """
+        plan = self._plan()
+        skip_probability = self._skip_probability()
+        skip = skip_probability >= 1.0 or (
+            skip_probability > 0.0
+            and bool(
+                torch.rand(
+                    (), dtype=torch.float64, generator=self._generators.get(torch.device("cpu"))
+                )
+                < skip_probability
+            )
+        )
+        if skip:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            # LR schedulers built on the wrapped optimizer check that its step
+            # ran; a deliberately skipped step counts as run for them.
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
+            self._finish_step(skipped=True)
+            return loss
+
+        scale = 1.0 / (1.0 - skip_probability)
+        if closure is None:
+            self._apply_masks(plan, scale)
+            loss = self.optimizer.step()
+        else:
+
+            def masked_closure() -> Any:
+                with torch.enable_grad():
+                    value = closure()
+                self._apply_masks(plan, scale)
+                return value
+
+            loss = self.optimizer.step(masked_closure)
+        self._finish_step(skipped=False)
+        return loss
+
+    # ------------------------------------------------------- optimizer plumbing
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Delegate to the wrapped optimizer's ``zero_grad``."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer; its parameters get the default rate.
+
+        A ``'drop_rate'`` entry in the group sets the group's own rate.
+
+        Raises:
+            TypeError, ValueError: the group's ``'drop_rate'`` is not a valid rate.
+        """
+        if "optimizer" not in self.__dict__:
+            # Called by Optimizer.__init__ for its placeholder group.
+            super().add_param_group(param_group)
+            return
+        if "drop_rate" in param_group:
+            _check_rate(param_group["drop_rate"], "param_group['drop_rate']")
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus DropGrad's under ``"dropgrad"``.
+
+        It holds the rates, scheduler states, generator states and counters, and
+        loads with ``torch.load(weights_only=True)``.
+        """
+        return _checkpoint.build_state_dict(self)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state dict from :meth:`state_dict` (or a plain optimizer's).
+
+        Loading into a fresh DropGrad around a fresh optimizer continues the run
+        bit-identically. DropGrad must be built with the same kind of rate
+        (fixed or scheduler) in the same places as the saved one.
+
+        Raises:
+            ValueError: the state dict does not fit this optimizer; the message
+                says what differs.
+        """
+        _checkpoint.load_state_dict(self, state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in _HOOK_ATTRIBUTES}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+
+    def __repr__(self) -> str:
+        rate = self._default_rate
+        own = f", {len(self._param_rates)} per-parameter rate(s)" if self._param_rates else ""
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return (
+            f"DropGrad(drop_rate={rate!r}{own}, full_update_drop={self._full_update_drop!r}, "
+            f"distribution={self.distribution!r},\n  optimizer=\n{inner}\n)"
+        )
