@@ -134,6 +134,9 @@ class LinearDropRateScheduler(_TwoEndScheduler):
     """
 
     def get_drop_rate(self) -> float:
+        # start + (end - start) can miss end in the last bit; the end is returned as given.
+        if self.step_count >= self.num_steps:
+            return self.final_drop_rate
         start, end = self.initial_drop_rate, self.final_drop_rate
         return start + (end - start) * self._progress()
 
@@ -156,6 +159,11 @@ class CosineAnnealingDropRateScheduler(_TwoEndScheduler):
     """
 
     def get_drop_rate(self) -> float:
+        # end + (start - end) can miss start in the last bit; both ends are returned as given.
+        if self.step_count == 0:
+            return self.initial_drop_rate
+        if self.step_count >= self.num_steps:
+            return self.final_drop_rate
         start, end = self.initial_drop_rate, self.final_drop_rate
         return end + (start - end) * (1.0 + math.cos(math.pi * self._progress())) / 2.0
 

@@ -83,25 +83,33 @@ def drop_grad(
     if tensor.is_sparse:
         coalesced = tensor.coalesce()
         values = drop_grad(coalesced.values(), rate, distribution=distribution, generator=generator)
+        # The indices come from a coalesced tensor, so they need no invariant check;
+        # saying so also keeps torch from warning that checks are implicitly off.
         return torch.sparse_coo_tensor(
-            coalesced.indices(), values, coalesced.shape, is_coalesced=True
+            coalesced.indices(),
+            values,
+            coalesced.shape,
+            is_coalesced=True,
+            check_invariants=False,
         )
-    if rate == 0.0:
-        return tensor.clone()
-    with torch.no_grad():
-        if distribution == "gaussian":
-            if rate == 1.0:
-                return tensor.masked_fill(torch.ones_like(tensor, dtype=torch.bool), 0)
-            noise = gaussian_noise(tensor.shape, rate, tensor.dtype, tensor.device, generator)
-        else:
-            threshold, keep_scale = quantize_rate(rate)
-            if threshold == 0:
-                return tensor.clone()
-            if threshold == LANE_LEVELS:
-                return tensor.masked_fill(torch.ones_like(tensor, dtype=torch.bool), 0)
-            drop = draw_drop_mask(tensor.shape, threshold, tensor.device, generator)
+    # The trivial cases stay outside no_grad so that their results, too, are
+    # connected to ``tensor`` in the autograd graph; masked_fill rather than a
+    # multiplication by zero keeps inf and NaN elements from surviving rate 1.
     if distribution == "gaussian":
+        if rate == 0.0:
+            return tensor.clone()
+        if rate == 1.0:
+            return tensor.masked_fill(torch.ones_like(tensor, dtype=torch.bool), 0)
+        with torch.no_grad():
+            noise = gaussian_noise(tensor.shape, rate, tensor.dtype, tensor.device, generator)
         return (tensor * noise).to(tensor.dtype)
+    threshold, keep_scale = quantize_rate(rate)
+    if threshold == 0:
+        return tensor.clone()
+    if threshold == LANE_LEVELS:
+        return tensor.masked_fill(torch.ones_like(tensor, dtype=torch.bool), 0)
+    with torch.no_grad():
+        drop = draw_drop_mask(tensor.shape, threshold, tensor.device, generator)
     return tensor.masked_fill(drop, 0).mul(keep_scale)
 
 

@@ -1,0 +1,492 @@
+"""Mask kernels: rate quantization, chunked/reference agreement, statistics, memory."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dropgrad._masking import (
+    CHUNK_LANES,
+    LANE_LEVELS,
+    bernoulli_chunked_,
+    bernoulli_reference_,
+    draw_drop_mask,
+    gaussian_,
+    quantize_rate,
+)
+
+SEED = 20260
+# (tensors, rate, generator, scale=1.0) -> None, masking in place.
+Kernel = Callable[..., None]
+BERNOULLI_KERNELS = [
+    pytest.param(bernoulli_reference_, id="reference"),
+    pytest.param(bernoulli_chunked_, id="chunked"),
+    pytest.param(
+        lambda ts, rate, gen, scale=1.0: bernoulli_chunked_(ts, rate, gen, scale, 64),
+        id="chunked-64",
+    ),
+]
+# Large-sample statistics skip the tiny-chunk variant, which would only cost
+# time: the bit-identity tests below tie it to the reference path.
+STAT_KERNELS = BERNOULLI_KERNELS[:2]
+ALL_KERNELS = [*BERNOULLI_KERNELS, pytest.param(gaussian_, id="gaussian")]
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex64,
+    torch.complex128,
+]
+
+
+def generator(seed: int = SEED) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_tensor(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """Values with no zeros, so a zero in the output always means a dropped element."""
+    source = torch.Generator().manual_seed(seed)
+    if dtype.is_complex:
+        values = torch.randn(shape, dtype=torch.complex128, generator=source)
+        values += (1 + 1j) * torch.sign(values.real)
+    else:
+        values = torch.randn(shape, dtype=torch.float64, generator=source)
+        values += torch.sign(values)
+    return values.to(dtype)
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``tensor``'s elements in logical order, for bit-exact comparison."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_bit_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype
+    assert actual.shape == expected.shape
+    assert torch.equal(bits(actual), bits(expected))
+
+
+def binomial_tolerance(probability: float, count: int) -> float:
+    """Five standard deviations of the fraction of successes in ``count`` trials."""
+    return 5 * math.sqrt(probability * (1 - probability) / count)
+
+
+# ---------------------------------------------------------------------------
+# quantize_rate
+
+
+@pytest.mark.parametrize(
+    ("rate", "threshold", "scale"),
+    [
+        (0.0, 0, 1.0),
+        (1e-6, 0, 1.0),  # 0.0655 lanes rounds to none
+        (2**-16, 1, 65536 / 65535),
+        (0.25, 16384, 4 / 3),
+        (0.5, 32768, 2.0),
+        (0.75, 49152, 4.0),
+        (0.99999, 65535, 65536.0),  # 65535.34 lanes
+        (1 - 2**-18, 65536, math.inf),  # rounds up to every lane
+        (1.0, 65536, math.inf),
+    ],
+)
+def test_quantize_rate_known_values(rate: float, threshold: int, scale: float) -> None:
+    assert quantize_rate(rate) == (threshold, scale)
+    assert type(quantize_rate(rate)[0]) is int
+
+
+QUANTIZATION_GRID = sorted(
+    {
+        0.0,
+        1e-6,
+        1e-5,
+        2**-17,
+        3 * 2**-17,
+        1e-4,
+        1e-3,
+        0.01,
+        0.1,
+        1 / 3,
+        0.5,
+        2 / 3,
+        0.9,
+        0.99,
+        0.999,
+        0.9999,
+        0.99999,
+        1 - 2**-17,
+        1.0,
+        *(k / 97 for k in range(98)),
+    }
+)
+
+
+@pytest.mark.parametrize("rate", QUANTIZATION_GRID)
+def test_quantize_rate_realizes_the_requested_rate_within_half_a_level(rate: float) -> None:
+    threshold, scale = quantize_rate(rate)
+    realized = threshold / LANE_LEVELS
+    assert 0 <= threshold <= LANE_LEVELS
+    assert abs(realized - rate) <= 2**-17
+    assert abs(realized - rate) < 1e-4
+    if threshold == LANE_LEVELS:
+        assert scale == math.inf
+    else:
+        # The survivor scale is the inverse of the realized keep probability.
+        assert scale == LANE_LEVELS / (LANE_LEVELS - threshold)
+
+
+def test_quantize_rate_is_monotone() -> None:
+    thresholds = [quantize_rate(k / 4099)[0] for k in range(4100)]
+    assert thresholds == sorted(thresholds)
+    assert thresholds[0] == 0
+    assert thresholds[-1] == LANE_LEVELS
+
+
+# ---------------------------------------------------------------------------
+# bernoulli_chunked_ against bernoulli_reference_
+
+TensorFactory = Callable[[torch.dtype], list[torch.Tensor]]
+
+
+def one_big_tensor(dtype: torch.dtype) -> list[torch.Tensor]:
+    return [random_tensor(1001, 7, dtype=dtype)]
+
+
+def many_small_tensors(dtype: torch.dtype) -> list[torch.Tensor]:
+    sizes = [1, 3, 5, 7, 2, 11, 13, 63, 64, 65, 1, 129, 1, 250, 9]
+    tensors = [random_tensor(size, dtype=dtype, seed=i) for i, size in enumerate(sizes)]
+    return [*tensors, random_tensor(3, 5, dtype=dtype), random_tensor(dtype=dtype, seed=99)]
+
+
+def with_zero_size_tensors(dtype: torch.dtype) -> list[torch.Tensor]:
+    return [
+        torch.empty(0, dtype=dtype),
+        random_tensor(37, dtype=dtype),
+        torch.empty(3, 0, dtype=dtype),
+        random_tensor(70, dtype=dtype, seed=1),
+        torch.empty(0, 5, dtype=dtype),
+    ]
+
+
+def only_zero_size_tensors(dtype: torch.dtype) -> list[torch.Tensor]:
+    return [torch.empty(0, dtype=dtype), torch.empty(4, 0, 2, dtype=dtype)]
+
+
+def non_contiguous_tensors(dtype: torch.dtype) -> list[torch.Tensor]:
+    transposed = random_tensor(9, 31, dtype=dtype).t()
+    sliced = random_tensor(20, 12, dtype=dtype, seed=1)[3:17, ::3]
+    permuted = random_tensor(5, 6, 7, dtype=dtype, seed=2).permute(2, 0, 1)
+    contiguous = random_tensor(101, dtype=dtype, seed=3)
+    assert not any(t.is_contiguous() for t in (transposed, sliced, permuted))
+    return [transposed, contiguous, sliced, permuted]
+
+
+TENSOR_SETS = [
+    pytest.param(one_big_tensor, id="big"),
+    pytest.param(many_small_tensors, id="small"),
+    pytest.param(with_zero_size_tensors, id="zero-size-mixed"),
+    pytest.param(only_zero_size_tensors, id="zero-size-only"),
+    pytest.param(non_contiguous_tensors, id="non-contiguous"),
+]
+
+
+def mask_both_ways(
+    make: TensorFactory, dtype: torch.dtype, rate: float, scale: float, chunk_lanes: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Originals, reference results and chunked results from identically seeded generators."""
+    originals = make(dtype)
+    reference = make(dtype)
+    chunked = make(dtype)
+    reference_generator, chunked_generator = generator(), generator()
+    bernoulli_reference_(reference, rate, reference_generator, scale)
+    bernoulli_chunked_(chunked, rate, chunked_generator, scale, chunk_lanes=chunk_lanes)
+    assert torch.equal(reference_generator.get_state(), chunked_generator.get_state())
+    return originals, reference, chunked
+
+
+@pytest.mark.parametrize("make", TENSOR_SETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk_lanes", [4, 64, 1000])
+def test_chunked_is_bit_identical_to_reference(
+    make: TensorFactory, dtype: torch.dtype, chunk_lanes: int
+) -> None:
+    originals, reference, chunked = mask_both_ways(make, dtype, 0.3, 1.0, chunk_lanes)
+    for actual, expected in zip(chunked, reference):
+        assert_bit_identical(actual, expected)
+    # Guard against both paths doing nothing: something must have been dropped.
+    total = sum(t.numel() for t in originals)
+    if total:
+        dropped = sum(int((t == 0).sum()) for t in reference)
+        assert 0 < dropped < total
+
+
+@pytest.mark.parametrize("make", TENSOR_SETS)
+@pytest.mark.parametrize(("rate", "scale"), [(0.3, 0.5), (0.05, 3.0), (0.0, 0.25), (1.0, 2.0)])
+def test_chunked_matches_reference_with_a_scale(
+    make: TensorFactory, rate: float, scale: float
+) -> None:
+    originals, reference, chunked = mask_both_ways(make, torch.float32, rate, scale, 64)
+    for original, actual, expected in zip(originals, chunked, reference):
+        assert_bit_identical(actual, expected)
+        threshold, keep_scale = quantize_rate(rate)
+        if threshold == 0:
+            assert_bit_identical(actual, original * scale)
+        elif threshold == LANE_LEVELS:
+            assert_bit_identical(actual, torch.zeros_like(original))
+        else:
+            kept = actual != 0
+            assert torch.equal(actual[kept], original[kept] * (scale * keep_scale))
+
+
+def test_chunked_matches_reference_across_default_sized_chunks() -> None:
+    count = 2 * CHUNK_LANES + 12345
+    originals, reference, chunked = mask_both_ways(
+        lambda dtype: [torch.ones(count, dtype=dtype)], torch.float32, 0.5, 1.0, CHUNK_LANES
+    )
+    assert_bit_identical(chunked[0], reference[0])
+
+
+def test_chunked_leaves_the_rest_of_a_sliced_base_alone() -> None:
+    for kernel in (bernoulli_reference_, bernoulli_chunked_):
+        base = random_tensor(20, 12)
+        original = base.clone()
+        view = base[3:17, ::3]
+        kernel([view], 0.5, generator())
+        untouched = torch.ones_like(base, dtype=torch.bool)
+        untouched[3:17, ::3] = False
+        assert torch.equal(base[untouched], original[untouched])
+        assert (view == 0).any()
+
+
+def test_draw_drop_mask_agrees_with_the_kernels() -> None:
+    threshold, _ = quantize_rate(0.4)
+    mask = draw_drop_mask(torch.Size([33, 17]), threshold, torch.device("cpu"), generator())
+    assert mask.dtype == torch.bool
+    assert mask.shape == (33, 17)
+    ones = torch.ones(33, 17)
+    bernoulli_chunked_([ones], 0.4, generator(), chunk_lanes=64)
+    assert torch.equal(mask, ones == 0)
+
+
+# ---------------------------------------------------------------------------
+# Statistics of the Bernoulli mask
+
+STAT_COUNT = 1 << 20
+STAT_RATES = [0.01, 0.1, 0.3, 0.5, 0.9]
+
+
+@pytest.mark.parametrize("kernel", STAT_KERNELS)
+@pytest.mark.parametrize("rate", STAT_RATES)
+def test_fraction_dropped_matches_the_rate(kernel: Kernel, rate: float) -> None:
+    threshold, _ = quantize_rate(rate)
+    realized = threshold / LANE_LEVELS
+    ones = torch.ones(STAT_COUNT)
+    kernel([ones], rate, generator())
+    dropped = ones == 0
+    assert abs(dropped.double().mean().item() - realized) <= binomial_tolerance(
+        realized, STAT_COUNT
+    )
+    # Each of the four lanes of a 64-bit word is uniform on its own ...
+    per_lane = dropped.view(-1, 4).double().mean(dim=0)
+    lane_tolerance = binomial_tolerance(realized, STAT_COUNT // 4)
+    assert (per_lane - realized).abs().max().item() <= lane_tolerance
+    # ... and independent of its neighbour, within a word and across words.
+    pair_probability = realized**2
+    pair_tolerance = binomial_tolerance(pair_probability, STAT_COUNT // 4)
+    words = dropped.view(-1, 4)
+    within = (words[:, 1] & words[:, 2]).double().mean().item()
+    across = (words[:-1, 3] & words[1:, 0]).double().mean().item()
+    assert abs(within - pair_probability) <= pair_tolerance
+    assert abs(across - pair_probability) <= pair_tolerance
+
+
+@pytest.mark.parametrize("kernel", STAT_KERNELS)
+@pytest.mark.parametrize("rate", STAT_RATES)
+def test_masked_mean_is_unbiased(kernel: Kernel, rate: float) -> None:
+    threshold, _ = quantize_rate(rate)
+    realized = threshold / LANE_LEVELS
+    ones = torch.ones(STAT_COUNT, dtype=torch.float64)
+    kernel([ones], rate, generator(SEED + 1))
+    # Each element is 0 or 1/(1-q): mean 1, variance q/(1-q).
+    standard_error = math.sqrt(realized / (1 - realized) / STAT_COUNT)
+    assert abs(ones.mean().item() - 1.0) <= 5 * standard_error
+
+
+@pytest.mark.parametrize("kernel", BERNOULLI_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rate", [0.1, 0.37, 0.9])
+def test_survivors_are_scaled_by_the_inverse_realized_keep_probability(
+    kernel: Kernel, dtype: torch.dtype, rate: float
+) -> None:
+    threshold, _ = quantize_rate(rate)
+    original = random_tensor(1 << 14, dtype=dtype)
+    masked = original.clone()
+    kernel([masked], rate, generator())
+    kept = masked != 0
+    factor = LANE_LEVELS / (LANE_LEVELS - threshold)
+    assert torch.equal(masked[kept], original[kept] * factor)
+    ones = torch.ones(1 << 10, dtype=torch.float64)
+    kernel([ones], rate, generator())
+    assert set(ones.unique().tolist()) == {0.0, factor}
+
+
+@pytest.mark.parametrize("kernel", BERNOULLI_KERNELS)
+def test_complex_elements_are_dropped_whole(kernel: Kernel) -> None:
+    original = random_tensor(1 << 16, dtype=torch.complex64)
+    masked = original.clone()
+    kernel([masked], 0.3, generator())
+    real_zero, imag_zero = masked.real == 0, masked.imag == 0
+    assert torch.equal(real_zero, imag_zero)
+    realized = quantize_rate(0.3)[0] / LANE_LEVELS
+    fraction = real_zero.double().mean().item()
+    assert abs(fraction - realized) <= binomial_tolerance(realized, masked.numel())
+    kept = ~real_zero
+    assert torch.equal(masked[kept], original[kept] * quantize_rate(0.3)[1])
+
+
+# A Bernoulli rate below half a lane level rounds to threshold 0; Gaussian noise
+# is drawn for every positive rate, so only rate 0 is a no-op there.
+@pytest.mark.parametrize(
+    ("kernel", "rate"),
+    [
+        *[
+            pytest.param(k.values[0], rate, id=f"{k.id}-{rate}")
+            for k in BERNOULLI_KERNELS
+            for rate in (0.0, 1e-6)
+        ],
+        pytest.param(gaussian_, 0.0, id="gaussian-0.0"),
+    ],
+)
+def test_rate_rounding_to_zero_draws_nothing_and_changes_nothing(
+    kernel: Kernel, rate: float
+) -> None:
+    tensors = non_contiguous_tensors(torch.float32)
+    originals = [t.clone() for t in tensors]
+    source = generator()
+    state = source.get_state()
+    kernel(tensors, rate, source)
+    assert torch.equal(source.get_state(), state)
+    for actual, expected in zip(tensors, originals):
+        assert_bit_identical(actual, expected)
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rate_one_gives_exact_zeros_even_for_inf_and_nan(
+    kernel: Kernel, dtype: torch.dtype
+) -> None:
+    special = torch.tensor([math.inf, -math.inf, math.nan, -0.0, 1.5, -2.0]).to(dtype)
+    tensors = [special, random_tensor(7, 9, dtype=dtype).t()]
+    source = generator()
+    kernel(tensors, 1.0, source)
+    for tensor in tensors:
+        assert_bit_identical(tensor, torch.zeros_like(tensor))
+
+
+# ---------------------------------------------------------------------------
+# Gaussian multiplicative noise
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rate", [0.05, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize("chunk_lanes", [CHUNK_LANES, 1000])
+def test_gaussian_multiplier_has_mean_one_and_bernoulli_variance(
+    dtype: torch.dtype, rate: float, chunk_lanes: int
+) -> None:
+    multiplier = torch.ones(STAT_COUNT, dtype=dtype)
+    gaussian_([multiplier], rate, generator(), chunk_lanes=chunk_lanes)
+    samples = multiplier.double()
+    variance = rate / (1 - rate)
+    # Mean of n normal draws: standard error sqrt(var / n). Sample variance of
+    # n normal draws: Var(s^2) = 2 var^2 / (n - 1).
+    mean_tolerance = 5 * math.sqrt(variance / STAT_COUNT)
+    variance_tolerance = 5 * variance * math.sqrt(2 / (STAT_COUNT - 1))
+    assert abs(samples.mean().item() - 1.0) <= mean_tolerance
+    assert abs(samples.var().item() - variance) <= variance_tolerance
+
+
+def test_gaussian_scales_complex_elements_by_one_real_factor() -> None:
+    original = random_tensor(4096, dtype=torch.complex64)
+    noisy = original.clone()
+    gaussian_([noisy], 0.4, generator())
+    real_factor = noisy.real / original.real
+    imag_factor = noisy.imag / original.imag
+    torch.testing.assert_close(real_factor, imag_factor, rtol=1e-5, atol=1e-6)
+    assert real_factor.std().item() > 0.5
+
+
+def test_gaussian_scale_multiplies_the_noise() -> None:
+    plain = [random_tensor(3000), random_tensor(5, 7, seed=1).t()]
+    scaled = [t.clone() for t in plain]
+    gaussian_(plain, 0.2, generator(), chunk_lanes=64)
+    gaussian_(scaled, 0.2, generator(), scale=0.5, chunk_lanes=64)
+    for unscaled, result in zip(plain, scaled):
+        torch.testing.assert_close(result, unscaled * 0.5, rtol=1e-6, atol=0)
+
+
+def test_gaussian_rate_zero_applies_only_the_scale() -> None:
+    tensors = [random_tensor(100), random_tensor(4, 6, seed=1).t()]
+    expected = [t * 3.0 for t in tensors]
+    source = generator()
+    state = source.get_state()
+    gaussian_(tensors, 0.0, source, scale=3.0)
+    assert torch.equal(source.get_state(), state)
+    for actual, wanted in zip(tensors, expected):
+        assert_bit_identical(actual, wanted)
+
+
+# ---------------------------------------------------------------------------
+# Memory
+
+
+def peak_temporary_bytes(run: Callable[[], None]) -> int:
+    """Highest amount of CPU memory ``run`` holds at once beyond what it started with.
+
+    Memory allocated inside a top-level op and still held when it returns is
+    charged at the op's start; the later free shows up as a negative memory
+    event. Allocations that live and die within one aten op are not counted:
+    this measures the temporaries the Python code keeps.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        run()
+    events = sorted(recorded.events(), key=lambda e: (e.time_range.start, -e.time_range.end))
+    held = peak = 0
+    open_until = -math.inf
+    for event in events:
+        if event.time_range.start < open_until:
+            continue  # nested inside a top-level op, whose usage already includes it
+        open_until = event.time_range.end
+        held += event.cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+MEMORY_CHUNK = 1 << 14
+# Words (2 bytes a lane), mask (1), a packed float32 copy (4) and noise (4), with room to spare.
+MEMORY_BOUND = 16 * MEMORY_CHUNK
+
+
+def test_chunked_kernels_hold_chunk_sized_temporaries() -> None:
+    big = torch.ones(1 << 21)
+    smalls = [torch.ones(3000) for _ in range(200)]
+    source = generator()
+
+    # The measurement sees whole-tensor temporaries: the reference path holds
+    # 2 bytes of lanes per element (4 MiB here).
+    reference_peak = peak_temporary_bytes(lambda: bernoulli_reference_([big], 0.3, source))
+    assert reference_peak >= 2 * big.numel()
+
+    runs = {
+        "bernoulli-big": lambda: bernoulli_chunked_([big], 0.3, source, chunk_lanes=MEMORY_CHUNK),
+        "bernoulli-packed": lambda: bernoulli_chunked_(
+            smalls, 0.3, source, chunk_lanes=MEMORY_CHUNK
+        ),
+        "gaussian-big": lambda: gaussian_([big], 0.3, source, chunk_lanes=MEMORY_CHUNK),
+        "gaussian-packed": lambda: gaussian_(smalls, 0.3, source, chunk_lanes=MEMORY_CHUNK),
+    }
+    peaks = {name: peak_temporary_bytes(run) for name, run in runs.items()}
+    assert all(0 < peak <= MEMORY_BOUND for peak in peaks.values()), peaks
