@@ -11,11 +11,14 @@ list, so everything loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import copy
+import numbers
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._random import DeviceGenerators
 from ._rates import check_full_update_drop, check_probability
 from .dropgrad_scheduler import DropRateScheduler
 from .functional import check_distribution
@@ -121,6 +124,10 @@ def _check_section(section: Any) -> Mapping[str, Any]:
             f"cannot load state_dict: format_version {section['format_version']!r} is not "
             f"supported (this dropgrad reads version {FORMAT_VERSION})"
         )
+    for field in ("step_count", "skipped_count"):
+        count = section[field]
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(f"cannot load state_dict: {field} must be an int >= 0, got {count!r}")
     return section
 
 
@@ -186,6 +193,14 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
 
     full_update_drop = check_full_update_drop(section["full_update_drop"], default)
     distribution = check_distribution(section["distribution"])
+    # Trial loads into copies (a shallow copy suffices: loading replaces attributes,
+    # it does not mutate them), so a malformed scheduler or generator state fails
+    # before the wrapped optimizer is changed.
+    for scheduler, scheduler_state in zip(schedulers, section["schedulers"]):
+        copy.copy(scheduler).load_state_dict(scheduler_state)
+    generators = DeviceGenerators(0)
+    generators.load_state_dict(section["generators"])
+    counters = [int(section[key]) for key in ("step_count", "skipped_count")]
 
     opt.optimizer.load_state_dict(base_state)
     # The wrapped optimizer deep-copies group entries; put the live schedulers back.
@@ -197,7 +212,6 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
     opt._param_rates = param_rates
     opt._full_update_drop = full_update_drop
     opt.distribution = distribution
-    opt._generators.load_state_dict(section["generators"])
-    opt.step_count = int(section["step_count"])
-    opt.skipped_count = int(section["skipped_count"])
+    opt._generators = generators
+    opt.step_count, opt.skipped_count = counters
     opt.last_step_skipped = bool(section["last_step_skipped"])

@@ -86,7 +86,21 @@ class DeviceGenerators:
         return {"seed": self.seed, "states": states}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore seed and generator states; devices absent here are restored on first use."""
-        self.seed = int(state_dict["seed"])
+        """Restore seed and generator states; devices absent here are restored on first use.
+
+        Raises:
+            ValueError: ``state_dict`` is not one :meth:`state_dict` returns.
+        """
+        states = state_dict.get("states") if isinstance(state_dict, Mapping) else None
+        if (
+            not isinstance(states, Mapping)
+            or not all(isinstance(s, torch.Tensor) for s in states.values())
+            or not isinstance(state_dict.get("seed"), numbers.Integral)
+        ):
+            raise ValueError(
+                "generator state must be a dict with an int 'seed' and a dict 'states' of "
+                f"device name to state tensor, got {state_dict!r}"
+            )
+        self.seed = resolve_seed(state_dict["seed"])
         self._generators = {}
-        self._pending = {key: state.clone() for key, state in state_dict["states"].items()}
+        self._pending = {str(key): state.clone() for key, state in states.items()}

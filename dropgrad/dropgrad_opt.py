@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
@@ -22,8 +23,11 @@ __all__ = ["DropGrad", "Rate"]
 Rate: TypeAlias = "float | None | DropRateScheduler"
 
 _MISSING = object()
-# Hook dictionaries may hold lambdas; like torch.optim, do not pickle them.
-_HOOK_ATTRIBUTES = (
+# Not pickled or deep-copied, as in torch.optim: hook dictionaries may hold
+# lambdas, and "step" is the per-instance patch an LR scheduler installs, which
+# refers back to this very instance (a copy keeping it would step the original).
+_UNPICKLED_ATTRIBUTES = (
+    "step",
     "_optimizer_step_pre_hooks",
     "_optimizer_step_post_hooks",
     "_optimizer_state_dict_pre_hooks",
@@ -58,9 +62,15 @@ class _SharedWithWrapped:
         if obj is None:
             return self
         wrapped = obj.__dict__.get("optimizer")
-        if wrapped is None:
+        if wrapped is not None:
+            return getattr(wrapped, self.name)
+        try:
             return obj.__dict__[self.local_name]
-        return getattr(wrapped, self.name)
+        except KeyError:
+            # hasattr() and copy protocols expect AttributeError on an uninitialised instance.
+            raise AttributeError(
+                f"{type(obj).__name__!r} object has no attribute {self.name!r}"
+            ) from None
 
     def __set__(self, obj: Any, value: Any) -> None:
         wrapped = obj.__dict__.get("optimizer")
@@ -339,9 +349,13 @@ class DropGrad(Optimizer):
         """The next-step rate of each parameter that has its own rate in ``params``.
 
         Keys are parameter names where the optimizer knows them, else
-        ``"param_groups[i][j]"``.
+        ``"param_groups[i][j]"``. A name shared by several parameters (a param
+        group's ``'name'`` entry names all of its parameters) is not used, so no
+        parameter's rate hides another's.
         """
-        names = {id(p): n for n, p in named_parameters_of(self.param_groups)}
+        named = named_parameters_of(self.param_groups)
+        uses = Counter(name for name, _ in named)
+        names = {id(p): n for n, p in named if uses[n] == 1}
         rates: dict[str, float | None] = {}
         for i, group in enumerate(self.param_groups):
             for j, param in enumerate(group["params"]):
@@ -472,9 +486,17 @@ class DropGrad(Optimizer):
         """The wrapped optimizer's state dict plus DropGrad's under ``"dropgrad"``.
 
         It holds the rates, scheduler states, generator states and counters, and
-        loads with ``torch.load(weights_only=True)``.
+        loads with ``torch.load(weights_only=True)``. State-dict hooks registered
+        on DropGrad run as on any optimizer.
         """
-        return _checkpoint.build_state_dict(self)
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = _checkpoint.build_state_dict(self)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            replaced = post_hook(self, state)
+            if replaced is not None:
+                state = replaced
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state dict from :meth:`state_dict` (or a plain optimizer's).
@@ -487,10 +509,18 @@ class DropGrad(Optimizer):
             ValueError: the state dict does not fit this optimizer; the message
                 says what differs.
         """
-        _checkpoint.load_state_dict(self, state_dict)
+        # A shallow copy, as torch.optim makes, that the hooks may edit.
+        loaded: Any = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            replaced = pre_hook(self, loaded)
+            if replaced is not None:
+                loaded = replaced
+        _checkpoint.load_state_dict(self, loaded)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in _HOOK_ATTRIBUTES}
+        return {k: v for k, v in self.__dict__.items() if k not in _UNPICKLED_ATTRIBUTES}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -1,0 +1,423 @@
+"""Checkpoints of DropGrad: state_dict contents, torch.save round trips and exact resumption."""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from dropgrad import (
+    CosineAnnealingDropRateScheduler,
+    DropGrad,
+    LinearDropRateScheduler,
+    StepDropRateScheduler,
+)
+
+IN_FEATURES = 6
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.Sequential(nn.Linear(IN_FEATURES, 8), nn.Tanh())
+        self.middle = nn.Linear(8, 8)
+        self.decoder = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.tanh(self.middle(self.encoder(x))))
+
+
+def build(model_seed: int = 0, dropgrad_seed: int = 123) -> tuple[EncoderDecoder, DropGrad]:
+    """A model and a DropGrad using every kind of rate: default and group schedulers,
+    per-parameter fixed rates and schedulers, full update drop."""
+    model = EncoderDecoder(model_seed)
+    base = torch.optim.Adam(
+        [
+            {
+                "params": model.encoder.named_parameters(prefix="encoder"),
+                "drop_rate": LinearDropRateScheduler(0.5, 0.1, num_steps=6),
+            },
+            {"params": model.middle.named_parameters(prefix="middle"), "drop_rate": 0.2},
+            {"params": model.decoder.named_parameters(prefix="decoder"), "lr": 5e-3},
+        ],
+        lr=1e-2,
+    )
+    opt = DropGrad(
+        base,
+        drop_rate_scheduler=CosineAnnealingDropRateScheduler(0.4, 0.05, num_steps=8),
+        params={
+            "decoder.weight": StepDropRateScheduler(0.3, {3: 0.6, 5: 0.1}),
+            "middle.bias": 0.7,
+        },
+        full_update_drop=0.3,
+        seed=dropgrad_seed,
+    )
+    return model, opt
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, first_step: int, steps: int) -> None:
+    for step in range(first_step, first_step + steps):
+        batch = torch.randn(16, IN_FEATURES, generator=torch.Generator().manual_seed(step))
+        model(batch).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def save_and_load(state: Any) -> Any:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_state_dict_is_the_wrapped_one_plus_a_dropgrad_section() -> None:
+    model, opt = build()
+    train(model, opt, 0, 3)
+    state = opt.state_dict()
+    assert set(state) == set(opt.optimizer.state_dict()) | {"dropgrad"}
+    assert state["state"].keys() == opt.optimizer.state_dict()["state"].keys()
+    section = state["dropgrad"]
+    assert section["step_count"] == 3
+    assert section["skipped_count"] == opt.skipped_count
+    assert section["full_update_drop"] == 0.3
+    assert section["distribution"] == "bernoulli"
+    # Schedulers are referred to by index: default, then groups, then parameters.
+    assert section["drop_rate"] == {"scheduler": 0}
+    assert state["param_groups"][0]["drop_rate"] == {"scheduler": 1}
+    assert state["param_groups"][1]["drop_rate"] == 0.2
+    assert section["param_drop_rates"] == {3: 0.7, 4: {"scheduler": 2}}
+    assert [s["step_count"] for s in section["schedulers"]] == [3, 3, 3]
+    # Building the dict must not replace the live schedulers in the param groups.
+    assert isinstance(opt.param_groups[0]["drop_rate"], LinearDropRateScheduler)
+
+
+def test_state_dict_loads_with_weights_only() -> None:
+    model, opt = build()
+    train(model, opt, 0, 2)
+    state = opt.state_dict()
+    loaded = save_and_load(state)
+    assert loaded["dropgrad"]["param_drop_rates"] == state["dropgrad"]["param_drop_rates"]
+    assert loaded["dropgrad"]["schedulers"] == state["dropgrad"]["schedulers"]
+
+
+@pytest.mark.parametrize(("first", "second"), [(4, 5), (0, 3), (7, 1)])
+def test_resume_is_bit_identical_to_uninterrupted_run(first: int, second: int) -> None:
+    model, opt = build()
+    train(model, opt, 0, first + second)
+
+    interrupted, interrupted_opt = build()
+    train(interrupted, interrupted_opt, 0, first)
+    checkpoint = save_and_load(
+        {"model": interrupted.state_dict(), "optimizer": interrupted_opt.state_dict()}
+    )
+    # Everything fresh: other initial weights, another seed; the checkpoint must win.
+    resumed, resumed_opt = build(model_seed=1, dropgrad_seed=999)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    assert resumed_opt.step_count == first
+    assert resumed_opt.drop_rate_scheduler is not None
+    assert resumed_opt.drop_rate_scheduler.step_count == first
+    assert isinstance(resumed_opt.param_groups[0]["drop_rate"], LinearDropRateScheduler)
+    assert resumed_opt.param_groups[0]["drop_rate"].step_count == first
+    train(resumed, resumed_opt, first, second)
+
+    for (name, expected), actual in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(expected, actual), name
+    assert (resumed_opt.step_count, resumed_opt.skipped_count, resumed_opt.last_step_skipped) == (
+        opt.step_count,
+        opt.skipped_count,
+        opt.last_step_skipped,
+    )
+    assert resumed_opt.get_drop_rates() == opt.get_drop_rates()
+    assert resumed_opt.get_param_drop_rates() == opt.get_param_drop_rates()
+    if first + second >= 8:
+        # Long enough runs exercise both skipped and applied steps.
+        assert 0 < opt.skipped_count < opt.step_count
+
+
+def test_loading_restores_fixed_rates_and_settings() -> None:
+    model = nn.Linear(3, 2)
+    saved = DropGrad(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        drop_rate=0.25,
+        params={model.bias: 0.5},
+        full_update_drop=True,
+        distribution="gaussian",
+        seed=3,
+    )
+    fresh_model = nn.Linear(3, 2)
+    fresh = DropGrad(torch.optim.SGD(fresh_model.parameters(), lr=0.1), drop_rate=0.9, seed=4)
+    fresh.load_state_dict(save_and_load(saved.state_dict()))
+    assert fresh.drop_rate == 0.25
+    assert fresh.full_update_drop is True
+    assert fresh.distribution == "gaussian"
+    assert fresh.get_param_drop_rates() == {"param_groups[0][1]": 0.5}
+    assert fresh._generators.seed == 3
+
+
+def test_plain_optimizer_state_dict_loads_into_wrapped_optimizer() -> None:
+    model = EncoderDecoder(0)
+    plain = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, plain, 0, 2)
+    opt = DropGrad(torch.optim.Adam(EncoderDecoder(0).parameters(), lr=1e-1), drop_rate=0.3)
+    opt.load_state_dict(save_and_load(plain.state_dict()))
+    assert opt.param_groups[0]["lr"] == 1e-2
+    assert opt.drop_rate == 0.3 and opt.step_count == 0
+    loaded, expected = opt.optimizer.state_dict(), plain.state_dict()
+    for key, value in expected["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(loaded["state"][key][name], tensor)
+
+
+def _checkpoint() -> dict[str, Any]:
+    model, opt = build()
+    train(model, opt, 0, 2)
+    return opt.state_dict()
+
+
+def _assert_load_fails(opt: DropGrad, state: Any, error: type, match: str) -> None:
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(state)
+    after = opt.state_dict()
+    # A checkpoint that does not fit leaves the optimizer as it was.
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    before_section, after_section = before["dropgrad"], after["dropgrad"]
+    generators_before = before_section.pop("generators")
+    generators_after = after_section.pop("generators")
+    assert after_section == before_section
+    assert generators_after["seed"] == generators_before["seed"]
+    assert generators_after["states"].keys() == generators_before["states"].keys()
+    for device, device_state in generators_before["states"].items():
+        assert torch.equal(generators_after["states"][device], device_state)
+
+
+def small(
+    drop_rate: Any = 0.1,
+    own: tuple[Any, Any] | None = None,
+    group_rates: tuple[Any, ...] | None = None,
+    lr: float = 0.1,
+) -> DropGrad:
+    """DropGrad over a fresh Linear(3, 2); ``own`` gives (weight rate, bias rate);
+    ``group_rates`` puts weight and bias in separate groups with these 'drop_rate' entries."""
+    model = nn.Linear(3, 2)
+    if group_rates is None:
+        base = torch.optim.SGD(model.parameters(), lr=lr)
+    else:
+        groups = [{"params": [p], "drop_rate": r} for p, r in zip(model.parameters(), group_rates)]
+        base = torch.optim.SGD(groups, lr=lr)
+    params = None
+    if own is not None:
+        params = {p: r for p, r in zip(model.parameters(), own) if r != "absent"}
+    return DropGrad(base, drop_rate=drop_rate, params=params, seed=0)
+
+
+def linear() -> LinearDropRateScheduler:
+    return LinearDropRateScheduler(0.1, 0.0, num_steps=3)
+
+
+def test_wrong_number_of_schedulers() -> None:
+    _assert_load_fails(
+        small(drop_rate=linear()),
+        _checkpoint(),
+        ValueError,
+        r"holds 3 drop-rate scheduler\(s\) but this DropGrad has 1",
+    )
+
+
+def test_scheduler_in_checkpoint_fixed_rate_here() -> None:
+    saved = small(drop_rate=linear(), own=(0.5, "absent")).state_dict()
+    _assert_load_fails(
+        small(drop_rate=0.1, own=(linear(), "absent")),
+        saved,
+        ValueError,
+        r"drop_rate is a drop-rate scheduler in the checkpoint but the fixed rate 0.1 in this "
+        r"DropGrad; construct DropGrad with the same kind of rate",
+    )
+
+
+def test_fixed_rate_in_checkpoint_scheduler_here() -> None:
+    saved = small(drop_rate=0.1, own=(linear(), "absent")).state_dict()
+    _assert_load_fails(
+        small(drop_rate=linear(), own=(0.5, "absent")),
+        saved,
+        ValueError,
+        r"drop_rate is the fixed rate 0.1 in the checkpoint but a LinearDropRateScheduler in",
+    )
+
+
+def test_per_parameter_scheduler_kind_mismatch() -> None:
+    saved = small(drop_rate=0.2, group_rates=(linear(), 0.3)).state_dict()
+    _assert_load_fails(
+        small(drop_rate=0.2, own=("absent", linear()), group_rates=(0.3, 0.3)),
+        saved,
+        ValueError,
+        r"this DropGrad has a scheduler for a parameter that has no per-parameter rate in the "
+        r"checkpoint",
+    )
+    saved = small(drop_rate=0.2, own=(0.3, linear())).state_dict()
+    _assert_load_fails(
+        small(drop_rate=0.2, own=(linear(), 0.3)),
+        saved,
+        ValueError,
+        r"the rate of parameter 0 is the fixed rate 0.3 in the checkpoint but a "
+        r"LinearDropRateScheduler in this DropGrad",
+    )
+
+
+def test_shared_scheduler_layout_mismatch() -> None:
+    shared = linear()
+    saved = small(drop_rate=shared, own=(linear(), shared)).state_dict()
+    other = linear()
+    _assert_load_fails(
+        small(drop_rate=linear(), own=(other, other)),
+        saved,
+        ValueError,
+        r"the rate of parameter 1 uses scheduler 0 in the checkpoint but scheduler 1 in this",
+    )
+
+
+def test_group_rate_kind_mismatch() -> None:
+    saved = small(group_rates=(linear(), 0.3)).state_dict()
+    _assert_load_fails(
+        small(group_rates=(0.3, linear())),
+        saved,
+        ValueError,
+        r"param_groups\[0\]\['drop_rate'\] is a drop-rate scheduler in the checkpoint but the "
+        r"fixed rate 0.3 in this DropGrad",
+    )
+
+
+def test_wrong_number_of_groups_or_parameters() -> None:
+    two_groups = small(group_rates=(0.1, 0.2)).state_dict()
+    _assert_load_fails(
+        small(),
+        two_groups,
+        ValueError,
+        r"it has 2 parameter group\(s\) but the optimizer has 1",
+    )
+    six_params = _checkpoint()
+    six_params["dropgrad"]["drop_rate"] = 0.1
+    six_params["dropgrad"]["param_drop_rates"] = {5: 0.5}
+    six_params["dropgrad"]["schedulers"] = []
+    for group in six_params["param_groups"]:
+        group.pop("drop_rate", None)
+    _assert_load_fails(
+        small(),
+        six_params,
+        ValueError,
+        r"a per-parameter rate for parameter 5 but the optimizer has 2 parameters",
+    )
+    # Same group count, different group sizes: the wrapped optimizer refuses it.
+    one_group = small(drop_rate=0.1).state_dict()
+    one_group["param_groups"][0]["params"] = [0]
+    _assert_load_fails(small(), one_group, ValueError, r"doesn't match the size")
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "error", "match"),
+    [
+        (lambda s: s["dropgrad"].update(format_version=99), ValueError, r"format_version 99 is"),
+        (lambda s: s["dropgrad"].pop("generators"), ValueError, r"entry lacks \['generators'\]"),
+        (
+            lambda s: [s["dropgrad"].pop(k) for k in ("step_count", "schedulers")],
+            ValueError,
+            r"entry lacks \['schedulers', 'step_count'\]",
+        ),
+        (lambda s: s.update(dropgrad=[1, 2]), ValueError, r"'dropgrad' entry must be a dict"),
+        (
+            lambda s: s["dropgrad"].update(full_update_drop=1.5),
+            ValueError,
+            r"full_update_drop must be in \[0, 1\], got 1.5",
+        ),
+        (
+            lambda s: s["dropgrad"].update(distribution="uniform"),
+            ValueError,
+            r"distribution must be one of",
+        ),
+        (
+            lambda s: s["dropgrad"].update(generators={"states": {}}),
+            ValueError,
+            r"generator state must be a dict with an int 'seed'",
+        ),
+        (
+            lambda s: s["dropgrad"]["generators"].update(states={"cpu": [1, 2]}),
+            ValueError,
+            r"generator state must be a dict .* 'states' of device name to state tensor",
+        ),
+        (
+            lambda s: s["dropgrad"].update(skipped_count=-1),
+            ValueError,
+            r"skipped_count must be an int >= 0, got -1",
+        ),
+    ],
+    ids=[
+        "version",
+        "missing",
+        "missing-two",
+        "not-a-dict",
+        "full-update-drop",
+        "distribution",
+        "generators",
+        "generator-states",
+        "skipped-count",
+    ],
+)
+def test_malformed_section(corrupt, error: type, match: str) -> None:
+    state = small(drop_rate=0.1, lr=0.5).state_dict()
+    corrupt(state)
+    _assert_load_fails(small(drop_rate=0.1), state, error, match)
+
+
+def test_fixed_rate_in_checkpoint_is_validated() -> None:
+    state = small(drop_rate=0.1, lr=0.5).state_dict()
+    state["dropgrad"]["drop_rate"] = 1.5
+    _assert_load_fails(
+        small(drop_rate=0.1), state, ValueError, r"state_dict drop_rate must be in \[0, 1\]"
+    )
+
+
+def test_state_dict_must_be_a_mapping() -> None:
+    _assert_load_fails(small(), [("state", {})], TypeError, r"state_dict must be a dict, got list")
+
+
+def test_malformed_scheduler_state_changes_nothing() -> None:
+    state = small(drop_rate=linear(), lr=0.5).state_dict()
+    state["dropgrad"]["schedulers"][0] = {"num_steps": 3}
+    _assert_load_fails(
+        small(drop_rate=linear()),
+        state,
+        ValueError,
+        r"LinearDropRateScheduler state_dict has no 'step_count' entry",
+    )
+
+
+def test_state_dict_hooks_registered_on_dropgrad_run() -> None:
+    opt = small(drop_rate=0.1)
+    events: list[str] = []
+
+    def save_post(optimizer: Any, state: dict) -> dict:
+        events.append("save-post")
+        return {**state, "extra": 1}
+
+    def load_pre(optimizer: Any, state: dict) -> dict:
+        events.append("load-pre")
+        # What the pre hook returns is what gets loaded.
+        return {**state, "dropgrad": {**state["dropgrad"], "step_count": 7}}
+
+    opt.register_state_dict_pre_hook(lambda optimizer: events.append("save-pre"))
+    opt.register_state_dict_post_hook(save_post)
+    opt.register_load_state_dict_pre_hook(load_pre)
+    opt.register_load_state_dict_post_hook(lambda optimizer: events.append("load-post"))
+    state = opt.state_dict()
+    assert state["extra"] == 1
+    opt.load_state_dict(state)
+    assert events == ["save-pre", "save-post", "load-pre", "load-post"]
+    assert opt.step_count == 7
+    assert state["dropgrad"]["step_count"] == 0
