@@ -22,6 +22,8 @@ from dropgrad import (
 )
 from dropgrad._masking import CHUNK_LANES, quantize_rate
 
+from ._helpers import ALL_DTYPES
+
 IN_FEATURES = 6
 
 
@@ -754,14 +756,7 @@ def _one_big_param(numel: int, dtype: torch.dtype) -> tuple[nn.Parameter, torch.
 
 @pytest.mark.parametrize(
     "dtype",
-    [
-        torch.float32,
-        torch.float64,
-        torch.float16,
-        torch.bfloat16,
-        torch.complex64,
-        torch.complex128,
-    ],
+    ALL_DTYPES,
 )
 @pytest.mark.parametrize("rate", [0.1, 0.3, 0.75])
 def test_drop_fraction_and_survivor_scale(dtype: torch.dtype, rate: float) -> None:

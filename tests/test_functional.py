@@ -14,25 +14,15 @@ from dropgrad import drop_grad, drop_grad_
 from dropgrad._masking import LANE_LEVELS, quantize_rate
 from dropgrad.functional import DISTRIBUTIONS, check_distribution
 
+from ._helpers import random_tensor, seeded_generator
+
 SEED = 314
 DropFunction = Callable[..., torch.Tensor]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
 
 
 def generator(seed: int = SEED) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def random_tensor(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
-    """Values with no zeros, so a zero in the output always means a dropped element."""
-    source = torch.Generator().manual_seed(seed)
-    if dtype.is_complex:
-        values = torch.randn(shape, dtype=torch.complex128, generator=source)
-        values += (1 + 1j) * torch.sign(values.real)
-    else:
-        values = torch.randn(shape, dtype=torch.float64, generator=source)
-        values += torch.sign(values)
-    return values.to(dtype)
+    return seeded_generator(seed)
 
 
 def assert_bit_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -19,6 +19,8 @@ from dropgrad._masking import (
     quantize_rate,
 )
 
+from ._helpers import ALL_DTYPES, random_tensor, seeded_generator
+
 SEED = 20260
 # (tensors, rate, generator, scale=1.0) -> None, masking in place.
 Kernel = Callable[..., None]
@@ -34,30 +36,11 @@ BERNOULLI_KERNELS = [
 # time: the bit-identity tests below tie it to the reference path.
 STAT_KERNELS = BERNOULLI_KERNELS[:2]
 ALL_KERNELS = [*BERNOULLI_KERNELS, pytest.param(gaussian_, id="gaussian")]
-DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.complex64,
-    torch.complex128,
-]
+DTYPES = ALL_DTYPES
 
 
 def generator(seed: int = SEED) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def random_tensor(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
-    """Values with no zeros, so a zero in the output always means a dropped element."""
-    source = torch.Generator().manual_seed(seed)
-    if dtype.is_complex:
-        values = torch.randn(shape, dtype=torch.complex128, generator=source)
-        values += (1 + 1j) * torch.sign(values.real)
-    else:
-        values = torch.randn(shape, dtype=torch.float64, generator=source)
-        values += torch.sign(values)
-    return values.to(dtype)
+    return seeded_generator(seed)
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
