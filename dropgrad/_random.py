@@ -7,6 +7,7 @@ checkpoint that stores these generators resumes the exact mask sequence.
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -14,9 +15,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DeviceGenerators", "resolve_seed"]
+__all__ = ["SKIP_STREAM", "DeviceGenerators", "resolve_seed"]
 
 _SEED_LIMIT = 2**63
+#: Name of the stream that makes full-update skip decisions.
+SKIP_STREAM = "skip"
 
 
 def resolve_seed(seed: Any) -> int:
@@ -55,11 +58,24 @@ def _device_key(device: torch.device) -> str:
     return str(device)
 
 
-class DeviceGenerators:
-    """Lazily created ``torch.Generator`` objects, one per device, from one seed.
+def _stream_seed(seed: int, stream: str) -> int:
+    """Seed of a named stream: the base seed itself for the default stream,
+    otherwise a 64-bit hash of both, so streams are unrelated to each other."""
+    if not stream:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
-    The CPU generator also makes the full-update skip decisions, so those agree
-    across devices and across data-parallel ranks.
+
+class DeviceGenerators:
+    """Lazily created ``torch.Generator`` objects, one per device and stream, from one seed.
+
+    The default stream of a device draws masks for ordinary (replicated)
+    gradients, so data-parallel ranks draw identical masks. Full-update skip
+    decisions have a CPU stream of their own (:data:`SKIP_STREAM`), so they do
+    not depend on how many mask bits a process consumed and every rank makes
+    the same decisions. Sharded gradients use a per-rank stream, so different
+    shards of one tensor get independent masks.
     """
 
     def __init__(self, seed: int) -> None:
@@ -68,17 +84,22 @@ class DeviceGenerators:
         # States loaded for devices not used yet in this process.
         self._pending: dict[str, torch.Tensor] = {}
 
-    def get(self, device: torch.device) -> torch.Generator:
-        """The generator for ``device``, created and seeded on first use."""
-        key = _device_key(device)
+    def get(self, device: torch.device, stream: str = "") -> torch.Generator:
+        """The generator of ``stream`` on ``device``, created and seeded on first use."""
+        device_name = _device_key(device)
+        key = f"{device_name}/{stream}" if stream else device_name
         generator = self._generators.get(key)
         if generator is None:
-            generator = torch.Generator(device=key)
-            generator.manual_seed(self.seed)
+            generator = torch.Generator(device=device_name)
+            generator.manual_seed(_stream_seed(self.seed, stream))
             if key in self._pending:
                 generator.set_state(self._pending.pop(key))
             self._generators[key] = generator
         return generator
+
+    def skip_generator(self) -> torch.Generator:
+        """The CPU generator of full-update skip decisions, used for nothing else."""
+        return self.get(torch.device("cpu"), SKIP_STREAM)
 
     def state_dict(self) -> dict[str, Any]:
         states = dict(self._pending)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
 import torch
 from torch import Tensor
@@ -16,6 +17,9 @@ from ._random import DeviceGenerators, resolve_seed
 from ._rates import check_full_update_drop, check_probability, match_names, named_parameters_of
 from .dropgrad_scheduler import DropRateScheduler
 from .functional import check_distribution
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["DropGrad", "Rate"]
 
@@ -35,6 +39,12 @@ _UNPICKLED_ATTRIBUTES = (
     "_optimizer_load_state_dict_pre_hooks",
     "_optimizer_load_state_dict_post_hooks",
 )
+
+
+def _is_dtensor(tensor: Tensor) -> TypeGuard[DTensor]:
+    """Whether ``tensor`` is a DTensor, without importing torch.distributed.tensor eagerly."""
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
 
 
 def _check_rate(value: Any, argument: str) -> Rate:
@@ -382,26 +392,34 @@ class DropGrad(Optimizer):
     @torch.no_grad()
     def _apply_masks(self, plan: list[tuple[Tensor, float | None]], scale: float) -> None:
         """Mask every gradient in place, grouped so one draw serves many tensors."""
-        buckets: dict[tuple[torch.device, torch.dtype, float], list[Tensor]] = {}
+        buckets: dict[tuple[torch.device, torch.dtype, float, str], list[Tensor]] = {}
         unmasked: list[Tensor] = []
         for param, rate in plan:
             grad = param.grad
             if grad is None:
                 continue
+            stream = ""
             if grad.is_sparse:
                 # Mask logical elements: duplicate indices must be summed first.
                 grad = grad.coalesce()
                 param.grad = grad
                 grad = grad._values()
+            elif _is_dtensor(grad):
+                # FSDP2 / tensor parallel: each rank masks the part it holds, in
+                # place. Shards of one tensor are different elements, so they
+                # draw from a per-rank stream; replicated parts share the stream.
+                if any(placement.is_shard() for placement in grad.placements):
+                    stream = f"rank{grad.device_mesh.get_rank()}"
+                grad = grad.to_local()
             if not rate:
                 unmasked.append(grad)
                 continue
-            buckets.setdefault((grad.device, grad.dtype, rate), []).append(grad)
+            buckets.setdefault((grad.device, grad.dtype, rate, stream), []).append(grad)
         if scale != 1.0 and unmasked:
             torch._foreach_mul_(unmasked, scale)
         kernel = self._kernel()
-        for (device, _, rate), grads in buckets.items():
-            kernel(grads, rate, self._generators.get(device), scale)
+        for (device, _, rate, stream), grads in buckets.items():
+            kernel(grads, rate, self._generators.get(device, stream), scale)
 
     def _finish_step(self, skipped: bool) -> None:
         for scheduler in self._schedulers():
@@ -427,9 +445,7 @@ class DropGrad(Optimizer):
         skip = skip_probability >= 1.0 or (
             skip_probability > 0.0
             and bool(
-                torch.rand(
-                    (), dtype=torch.float64, generator=self._generators.get(torch.device("cpu"))
-                )
+                torch.rand((), dtype=torch.float64, generator=self._generators.skip_generator())
                 < skip_probability
             )
         )

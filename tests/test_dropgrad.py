@@ -1091,6 +1091,26 @@ def test_skip_frequency_matches_q(q: float) -> None:
     assert abs(opt.skipped_count / steps - q) <= binomial_tolerance(q, steps)
 
 
+def test_skip_decisions_do_not_depend_on_mask_draws() -> None:
+    """Skips come from their own stream: ranks holding shards of different sizes agree."""
+
+    def skips(numel: int) -> list[bool]:
+        param = nn.Parameter(torch.zeros(numel))
+        opt = DropGrad(
+            torch.optim.SGD([param], lr=0.1), drop_rate=0.3, full_update_drop=0.5, seed=11
+        )
+        decisions = []
+        for _ in range(40):
+            param.grad = torch.ones(numel)
+            opt.step()
+            decisions.append(opt.last_step_skipped)
+        return decisions
+
+    small, large = skips(3), skips(5000)
+    assert small == large
+    assert 0 < sum(small) < len(small)
+
+
 def test_full_update_drop_true_uses_current_default_rate() -> None:
     param = nn.Parameter(torch.zeros(2))
     base = torch.optim.SGD([param], lr=0.1)

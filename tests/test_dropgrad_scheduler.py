@@ -7,7 +7,7 @@ import io
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +20,7 @@ from dropgrad import (
 )
 
 SchedulerFactory = Callable[[], DropRateScheduler]
-TwoEndScheduler = Union[LinearDropRateScheduler, CosineAnnealingDropRateScheduler]
+TwoEndScheduler = LinearDropRateScheduler | CosineAnnealingDropRateScheduler
 
 
 def rates_over(scheduler: DropRateScheduler, steps: int) -> list[float]:
