@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from dropgrad import DropGrad, LinearDropRateScheduler
@@ -16,7 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-transformers = pytest.importorskip("transformers")
+# A plain import, not importorskip: CI installs transformers, and a silent skip would hide
+# a missing install step.
+import transformers  # noqa: E402
 
 VOCAB = 100
 SEQUENCE = 16

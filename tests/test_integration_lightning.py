@@ -7,14 +7,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import pytest
+# A plain import, not importorskip: CI installs lightning, and a silent skip would hide
+# a missing install step.
+import lightning  # noqa: E402
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dropgrad import DropGrad, LinearDropRateScheduler
-
-lightning = pytest.importorskip("lightning")
 
 EPOCHS = 4
 RESUME_EPOCH = 2
