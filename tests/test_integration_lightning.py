@@ -9,7 +9,7 @@ from typing import Any
 
 # A plain import, not importorskip: CI installs lightning, and a silent skip would hide
 # a missing install step.
-import lightning  # noqa: E402
+import lightning
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
