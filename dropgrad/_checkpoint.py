@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT_VERSION", "SECTION_KEY", "build_state_dict", "load_state_dict"]
 
 SECTION_KEY = "dropgrad"
+_ABSENT = object()
 FORMAT_VERSION = 1
 _SECTION_FIELDS = (
     "format_version",
@@ -37,6 +38,7 @@ _SECTION_FIELDS = (
     "full_update_drop",
     "distribution",
     "schedulers",
+    "scheduler_types",
     "generators",
     "step_count",
     "skipped_count",
@@ -102,6 +104,7 @@ def build_state_dict(opt: DropGrad) -> dict[str, Any]:
         "full_update_drop": opt.full_update_drop,
         "distribution": opt.distribution,
         "schedulers": [s.state_dict() for s in schedulers],
+        "scheduler_types": [type(s).__qualname__ for s in schedulers],
         "generators": opt._generators.state_dict(),
         "step_count": opt.step_count,
         "skipped_count": opt.skipped_count,
@@ -142,8 +145,13 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
     base_state = {key: value for key, value in state_dict.items() if key != SECTION_KEY}
     if SECTION_KEY not in state_dict:
         # A plain optimizer checkpoint: load it into the wrapped optimizer and
-        # keep DropGrad's own configuration.
+        # keep DropGrad's own configuration, including the groups' drop_rate
+        # entries that the wrapped optimizer's load would replace.
+        kept = [group.get("drop_rate", _ABSENT) for group in opt.param_groups]
         opt.optimizer.load_state_dict(base_state)
+        for group, rate in zip(opt.param_groups, kept):
+            if rate is not _ABSENT and "drop_rate" not in group:
+                group["drop_rate"] = rate
         return
     section = _check_section(state_dict[SECTION_KEY])
 
@@ -154,6 +162,12 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
             f"cannot load state_dict: it holds {len(section['schedulers'])} drop-rate "
             f"scheduler(s) but this DropGrad has {len(schedulers)}"
         )
+    for i, (saved_type, scheduler) in enumerate(zip(section["scheduler_types"], schedulers)):
+        if saved_type != type(scheduler).__qualname__:
+            raise ValueError(
+                f"cannot load state_dict: drop-rate scheduler {i} is a {saved_type} in the "
+                f"checkpoint but a {type(scheduler).__qualname__} in this DropGrad"
+            )
     default = _decode(section["drop_rate"], opt._default_rate, "drop_rate", scheduler_index)
 
     params = opt._all_params()

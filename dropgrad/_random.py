@@ -58,6 +58,15 @@ def _device_key(device: torch.device) -> str:
     return str(device)
 
 
+def _describe(value: Any) -> str:
+    """A short description of a malformed state, without dumping its tensors."""
+    if isinstance(value, Mapping):
+        return "a dict with " + ", ".join(
+            f"{key!r}: {type(item).__name__}" for key, item in value.items()
+        )
+    return type(value).__name__
+
+
 def _stream_seed(seed: int, stream: str) -> int:
     """Seed of a named stream: the base seed itself for the default stream,
     otherwise a 64-bit hash of both, so streams are unrelated to each other."""
@@ -120,7 +129,7 @@ class DeviceGenerators:
         ):
             raise ValueError(
                 "generator state must be a dict with an int 'seed' and a dict 'states' of "
-                f"device name to state tensor, got {state_dict!r}"
+                f"device name to state tensor, got {_describe(state_dict)}"
             )
         self.seed = resolve_seed(state_dict["seed"])
         self._generators = {}

@@ -34,7 +34,10 @@ def check_probability(value: Any, argument: str) -> float:
         raise TypeError(
             f"{argument} must be a float in [0, 1], got {type(value).__name__} {value!r}"
         )
-    rate = float(value)
+    try:
+        rate = float(value)
+    except OverflowError:  # an int too large for a float is out of range, not a crash
+        rate = math.inf
     if math.isnan(rate) or not 0.0 <= rate <= 1.0:
         raise ValueError(f"{argument} must be in [0, 1], got {value!r}")
     return rate

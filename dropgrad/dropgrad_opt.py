@@ -171,6 +171,11 @@ class DropGrad(Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
+        if isinstance(optimizer, DropGrad):
+            raise TypeError(
+                "optimizer is already a DropGrad; wrap the inner optimizer "
+                "(its .optimizer) once, with all the rates you need"
+            )
         default = _check_rate(drop_rate, "drop_rate")
         if drop_rate_scheduler is not None:
             if not isinstance(drop_rate_scheduler, DropRateScheduler):
@@ -394,15 +399,20 @@ class DropGrad(Optimizer):
         """Mask every gradient in place, grouped so one draw serves many tensors."""
         buckets: dict[tuple[torch.device, torch.dtype, float, str], list[Tensor]] = {}
         unmasked: list[Tensor] = []
+        seen: set[int] = set()
         for param, rate in plan:
             grad = param.grad
-            if grad is None:
+            # torch tolerates a parameter listed twice; its gradient is masked once.
+            if grad is None or id(param) in seen:
                 continue
+            seen.add(id(param))
             stream = ""
             if grad.is_sparse:
-                # Mask logical elements: duplicate indices must be summed first.
-                grad = grad.coalesce()
-                param.grad = grad
+                if rate:
+                    # Mask logical elements: duplicate indices must be summed first.
+                    grad = grad.coalesce()
+                    param.grad = grad
+                # Scaling uncoalesced values is exact, so rate 0 leaves .grad as it was.
                 grad = grad._values()
             elif _is_dtensor(grad):
                 # FSDP2 / tensor parallel: each rank masks the part it holds, in

@@ -59,6 +59,10 @@ class DropRateScheduler(ABC):
         0.2
     """
 
+    #: Steps taken so far. A class default, so a subclass that skips
+    #: ``super().__init__()`` still starts at 0.
+    step_count: int = 0
+
     def __init__(self) -> None:
         self.step_count = 0
 
@@ -72,7 +76,7 @@ class DropRateScheduler(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """A copy of the scheduler's attributes, loadable with ``torch.load(weights_only=True)``."""
-        return copy.deepcopy(self.__dict__)
+        return {"step_count": self.step_count, **copy.deepcopy(self.__dict__)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore attributes saved by :meth:`state_dict`.

@@ -39,6 +39,12 @@ def check_distribution(distribution: object) -> str:
     return str(distribution)
 
 
+def _check_dtype(tensor: Tensor) -> None:
+    """Gradients are floating or complex; an integer tensor here is a caller's mistake."""
+    if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
+        raise TypeError(f"tensor must be floating point or complex, got dtype {tensor.dtype}")
+
+
 def drop_grad(
     tensor: Tensor,
     drop_rate: float,
@@ -68,7 +74,8 @@ def drop_grad(
         ``tensor`` in the autograd graph.
 
     Raises:
-        TypeError: ``drop_rate`` is not a real number.
+        TypeError: ``drop_rate`` is not a real number, or ``tensor`` is not
+            floating point or complex.
         ValueError: ``drop_rate`` is outside ``[0, 1]`` or NaN, or
             ``distribution`` is unknown.
 
@@ -79,6 +86,7 @@ def drop_grad(
         True
     """
     rate = check_probability(drop_rate, "drop_rate")
+    _check_dtype(tensor)
     check_distribution(distribution)
     if tensor.is_sparse:
         coalesced = tensor.coalesce()
@@ -130,6 +138,7 @@ def drop_grad_(
         ValueError: as for :func:`drop_grad`.
     """
     rate = check_probability(drop_rate, "drop_rate")
+    _check_dtype(tensor)
     check_distribution(distribution)
     if tensor.is_sparse:
         raise TypeError(

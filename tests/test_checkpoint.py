@@ -421,3 +421,27 @@ def test_state_dict_hooks_registered_on_dropgrad_run() -> None:
     assert events == ["save-pre", "save-post", "load-pre", "load-post"]
     assert opt.step_count == 7
     assert state["dropgrad"]["step_count"] == 0
+
+
+def test_scheduler_class_mismatch() -> None:
+    saved = small(drop_rate=linear()).state_dict()
+    other = CosineAnnealingDropRateScheduler(0.1, 0.0, num_steps=3)
+    _assert_load_fails(
+        small(drop_rate=other),
+        saved,
+        ValueError,
+        "scheduler 0 is a LinearDropRateScheduler in the checkpoint but a "
+        "CosineAnnealingDropRateScheduler in this DropGrad",
+    )
+
+
+def test_plain_optimizer_checkpoint_keeps_group_drop_rates() -> None:
+    scheduler = linear()
+    opt = small(drop_rate=0.2, group_rates=(scheduler, 0.7))
+    weight, bias = (g["params"][0] for g in opt.param_groups)
+    plain = torch.optim.SGD([{"params": [weight]}, {"params": [bias]}], lr=0.3).state_dict()
+    opt.load_state_dict(plain)
+    assert opt.param_groups[0]["drop_rate"] is scheduler
+    assert opt.param_groups[1]["drop_rate"] == 0.7
+    assert opt.param_groups[0]["lr"] == 0.3
+    assert opt.get_drop_rates() == [0.1, 0.7]

@@ -1223,3 +1223,50 @@ def test_get_drop_rates_and_param_drop_rates_follow_schedulers() -> None:
         "encoder.0.bias": 0.5,
         "decoder.weight": pytest.approx(0.0),
     }
+
+
+def test_sparse_gradient_at_rate_zero_is_untouched() -> None:
+    """Rate 0 must not even coalesce: the bare optimizer sees the very same gradient."""
+    torch.manual_seed(0)
+    bare, wrapped = nn.Embedding(50, 8, sparse=True), nn.Embedding(50, 8, sparse=True)
+    wrapped.load_state_dict(bare.state_dict())
+    bare_opt = torch.optim.SGD(bare.parameters(), lr=0.37)
+    opt = DropGrad(torch.optim.SGD(wrapped.parameters(), lr=0.37), drop_rate=0.0, seed=0)
+    for step in range(5):
+        indices = torch.randint(0, 50, (500,), generator=torch.Generator().manual_seed(step))
+        for module, optimizer in ((bare, bare_opt), (wrapped, opt)):
+            module(indices).sum().backward()
+            grad_before = module.weight.grad
+            optimizer.step()
+            assert module.weight.grad is grad_before
+            optimizer.zero_grad()
+        assert torch.equal(bare.weight, wrapped.weight)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_parameter_listed_twice_is_masked_once(impl: str) -> None:
+    numel = 20_000
+    param = nn.Parameter(torch.zeros(numel))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about the duplicate
+        base = torch.optim.SGD([param, param], lr=1.0)
+    opt = DropGrad(base, drop_rate=0.5, seed=0)
+    opt._mask_impl = impl
+    param.grad = torch.ones(numel)
+    opt.step()
+    _, keep_scale = quantize_rate(0.5)
+    survivors = param.grad[param.grad != 0]
+    assert torch.equal(survivors, torch.full_like(survivors, keep_scale))
+    assert abs(1 - survivors.numel() / numel - 0.5) <= binomial_tolerance(0.5, numel)
+
+
+def test_wrapping_a_dropgrad_is_refused() -> None:
+    inner = DropGrad(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), drop_rate=0.1)
+    with pytest.raises(TypeError, match="optimizer is already a DropGrad"):
+        DropGrad(inner, drop_rate=0.1)
+
+
+def test_huge_integer_rate_is_a_value_error() -> None:
+    base = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ValueError, match=r"drop_rate must be in \[0, 1\], got 1000000"):
+        DropGrad(base, drop_rate=10**400)

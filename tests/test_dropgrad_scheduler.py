@@ -414,3 +414,23 @@ def test_load_state_dict_rejects_bad_states(
 def test_missing_step_count_message_names_the_class() -> None:
     with pytest.raises(ValueError, match="^CosineAnnealingDropRateScheduler state_dict has no"):
         make_cosine().load_state_dict({"initial_drop_rate": 0.1})
+
+
+class _NoSuperInit(DropRateScheduler):
+    """A subclass that forgets ``super().__init__()``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def get_drop_rate(self) -> float:
+        return self.rate / (1 + self.step_count)
+
+
+def test_subclass_without_super_init_still_counts_steps() -> None:
+    scheduler = _NoSuperInit(0.4)
+    assert scheduler.state_dict() == {"step_count": 0, "rate": 0.4}
+    scheduler.step()
+    assert scheduler.get_drop_rate() == 0.2
+    fresh = _NoSuperInit(0.4)
+    fresh.load_state_dict(scheduler.state_dict())
+    assert fresh.step_count == 1

@@ -301,3 +301,9 @@ def test_drop_grad_statistics(rate: float) -> None:
     assert abs(fraction - realized) <= 5 * math.sqrt(realized * (1 - realized) / count)
     # Mean of count multipliers with mean 1 and variance q / (1 - q).
     assert abs(result.mean().item() - 1.0) <= 5 * math.sqrt(realized / (1 - realized) / count)
+
+
+@pytest.mark.parametrize("function", [drop_grad, drop_grad_])
+def test_integer_tensors_are_refused(function: Callable[..., torch.Tensor]) -> None:
+    with pytest.raises(TypeError, match="tensor must be floating point or complex, got dtype"):
+        function(torch.ones(4, dtype=torch.int64), 0.5)
