@@ -73,7 +73,8 @@ def binomial_tolerance(probability: float, count: int) -> float:
         (0.5, 32768, 2.0),
         (0.75, 49152, 4.0),
         (0.99999, 65535, 65536.0),  # 65535.34 lanes
-        (1 - 2**-18, 65536, math.inf),  # rounds up to every lane
+        # Rounds to every lane, but a rate below 1 keeps one level so the mask stays unbiased.
+        (1 - 2**-18, 65535, 65536.0),
         (1.0, 65536, math.inf),
     ],
 )
@@ -102,6 +103,8 @@ QUANTIZATION_GRID = sorted(
         0.9999,
         0.99999,
         1 - 2**-17,
+        1 - 2**-18,
+        1 - 1e-9,
         1.0,
         *(k / 97 for k in range(98)),
     }
@@ -113,7 +116,8 @@ def test_quantize_rate_realizes_the_requested_rate_within_half_a_level(rate: flo
     threshold, scale = quantize_rate(rate)
     realized = threshold / LANE_LEVELS
     assert 0 <= threshold <= LANE_LEVELS
-    assert abs(realized - rate) <= 2**-17
+    # Half a level, except just below 1 where one level is always kept.
+    assert abs(realized - rate) <= (2**-16 if rate > 1 - 2**-17 and rate < 1 else 2**-17)
     assert abs(realized - rate) < 1e-4
     if threshold == LANE_LEVELS:
         assert scale == math.inf

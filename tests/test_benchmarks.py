@@ -1,0 +1,80 @@
+"""The step-overhead benchmark runs end to end in quick mode and writes its reports.
+
+Only the shape of the output is checked: timings depend on the machine and are
+never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
+CONTENDERS = {"bare", "dropgrad", "published"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("step_overhead")
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return completed, out
+
+
+def test_quick_run_exits_cleanly(quick_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    completed, _ = quick_run
+    assert completed.returncode == 0, completed.stderr
+    assert "DropGrad / bare" in completed.stdout
+    assert "torch " in completed.stdout and "threads" in completed.stdout
+
+
+def test_quick_run_writes_json_with_expected_keys(
+    quick_run: tuple[subprocess.CompletedProcess, Path],
+) -> None:
+    _, out = quick_run
+    report = json.loads((out / "step_overhead.json").read_text())
+    assert set(report) == {"machine", "settings", "results", "peak_memory"}
+    assert {"cpu_model", "logical_cores", "torch_version", "torch_threads"} <= set(
+        report["machine"]
+    )
+    assert report["settings"]["quick"] is True
+    # Three cases, each with Adam and SGD.
+    results = report["results"]
+    assert len(results) == 6
+    assert {row["optimizer"] for row in results} == {"Adam", "SGD"}
+    for row in results:
+        assert set(row["median_ms"]) == CONTENDERS
+        assert set(row["ratio_to_bare"]) == CONTENDERS - {"bare"}
+        for name, ratio in row["ratio_to_bare"].items():
+            expected = row["median_ms"][name] / row["median_ms"]["bare"]
+            assert ratio == pytest.approx(expected)
+            assert math.isfinite(ratio) and ratio > 0
+    memory = report["peak_memory"]
+    assert set(memory["step_peak_rise_mib"]) == CONTENDERS
+    assert set(memory["extra_over_bare_mib"]) == CONTENDERS - {"bare"}
+    rises = memory["step_peak_rise_mib"]
+    assert all(rise >= 0 for rise in rises.values())
+    assert memory["extra_over_bare_mib"]["dropgrad"] == pytest.approx(
+        rises["dropgrad"] - rises["bare"]
+    )
+
+
+def test_quick_run_writes_markdown_and_png(
+    quick_run: tuple[subprocess.CompletedProcess, Path],
+) -> None:
+    _, out = quick_run
+    markdown = (out / "step_overhead.md").read_text()
+    assert "| optimizer | params/tensors |" in markdown
+    assert markdown.count("| Adam |") == 3 and markdown.count("| SGD |") == 3
+    assert "Peak memory" in markdown
+    png = (out / "step_overhead.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
