@@ -130,7 +130,7 @@ def drop_grad_(
 ) -> Tensor:
     """In-place :func:`drop_grad` on a dense tensor; returns ``tensor``.
 
-    Memory stays bounded: masks are drawn in chunks of ``2**20`` elements.
+    Memory stays bounded: masks are drawn in blocks of at most ``2**20`` elements.
 
     Raises:
         TypeError: ``drop_rate`` is not a real number, or ``tensor`` is sparse
