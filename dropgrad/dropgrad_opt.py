@@ -217,7 +217,7 @@ class DropGrad(Optimizer):
         self._default_rate: Rate = default
         self._param_rates: dict[Tensor, Rate] = param_rates
         self._full_update_drop: bool | float = full_update_drop
-        self.distribution = distribution
+        self._distribution = distribution
         self._generators = DeviceGenerators(seed)
         self.step_count = 0
         self.skipped_count = 0
@@ -350,6 +350,15 @@ class DropGrad(Optimizer):
     @full_update_drop.setter
     def full_update_drop(self, value: bool | float) -> None:
         self._full_update_drop = check_full_update_drop(value, self._default_rate)
+
+    @property
+    def distribution(self) -> str:
+        """``"bernoulli"`` or ``"gaussian"``; assigning another value raises ``ValueError``."""
+        return self._distribution
+
+    @distribution.setter
+    def distribution(self, value: str) -> None:
+        self._distribution = check_distribution(value)
 
     def get_drop_rates(self) -> list[float | None]:
         """The rate each param group gets at the next step, like ``get_last_lr()``.

@@ -1270,3 +1270,16 @@ def test_huge_integer_rate_is_a_value_error() -> None:
     base = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
     with pytest.raises(ValueError, match=r"drop_rate must be in \[0, 1\], got 1000000"):
         DropGrad(base, drop_rate=10**400)
+
+
+def test_distribution_attribute_is_validated() -> None:
+    param = nn.Parameter(torch.zeros(4))
+    opt = DropGrad(torch.optim.SGD([param], lr=0.1), drop_rate=0.5, seed=0)
+    opt.distribution = "gaussian"
+    param.grad = torch.ones(4)
+    opt.step()
+    # Gaussian noise, not a 0-or-2 mask: no element is exactly 0 or 2.
+    assert not bool(((param.grad == 0) | (param.grad == 2)).any())
+    with pytest.raises(ValueError, match=r"distribution must be one of .* got 'uniform'"):
+        opt.distribution = "uniform"
+    assert opt.distribution == "gaussian"
