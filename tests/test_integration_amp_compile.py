@@ -76,6 +76,31 @@ def test_grad_scaler_masks_unscaled_gradients() -> None:
         assert torch.equal(param, plain_param)
 
 
+def _train_unscaled(
+    model: nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """The reference run: the same batches without a GradScaler."""
+    for inputs, targets in batches:
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _scaled_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_factor: float = 1.0,
+) -> None:
+    """One GradScaler step; ``loss_factor=math.inf`` makes the scaler skip it."""
+    loss = nn.functional.mse_loss(model(inputs), targets) * loss_factor
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def test_grad_scaler_inf_step_leaves_dropgrad_untouched() -> None:
     """A step GradScaler skips for inf/NaN does not advance schedulers, counters or generators."""
     batches = _batches(5)
@@ -83,10 +108,7 @@ def test_grad_scaler_inf_step_leaves_dropgrad_untouched() -> None:
 
     reference_model = _make_model()
     reference = _scheduled_dropgrad(torch.optim.SGD(reference_model.parameters(), lr=0.1))
-    for inputs, targets in batches:
-        nn.functional.mse_loss(reference_model(inputs), targets).backward()
-        reference.step()
-        reference.zero_grad()
+    _train_unscaled(reference_model, reference, batches)
 
     model = _make_model()
     opt = _scheduled_dropgrad(torch.optim.SGD(model.parameters(), lr=0.1))
@@ -94,10 +116,7 @@ def test_grad_scaler_inf_step_leaves_dropgrad_untouched() -> None:
     for index, (inputs, targets) in enumerate(batches):
         if index == bad_step:
             before = (opt.state_dict()["dropgrad"], _params(model), scaler.get_scale())
-            loss = nn.functional.mse_loss(model(inputs), targets) * math.inf
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            _scaled_step(model, opt, scaler, inputs, targets, loss_factor=math.inf)
             section, params, scale = before
             after = opt.state_dict()["dropgrad"]
             assert after["step_count"] == section["step_count"] == bad_step
@@ -109,10 +128,7 @@ def test_grad_scaler_inf_step_leaves_dropgrad_untouched() -> None:
             assert all(torch.equal(a, b) for a, b in zip(_params(model), params))
             assert scaler.get_scale() == scale / 2
             opt.zero_grad()
-        loss = nn.functional.mse_loss(model(inputs), targets)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        _scaled_step(model, opt, scaler, inputs, targets)
         opt.zero_grad()
 
     # The inf step left no trace: the run equals the one that never saw it.
@@ -128,10 +144,7 @@ def test_fused_optimizer_under_grad_scaler() -> None:
 
     reference_model = _make_model()
     reference = _scheduled_dropgrad(torch.optim.Adam(reference_model.parameters(), lr=1e-2))
-    for inputs, targets in batches:
-        nn.functional.mse_loss(reference_model(inputs), targets).backward()
-        reference.step()
-        reference.zero_grad()
+    _train_unscaled(reference_model, reference, batches)
 
     model = _make_model()
     fused = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
@@ -140,17 +153,11 @@ def test_fused_optimizer_under_grad_scaler() -> None:
     for index, (inputs, targets) in enumerate(batches):
         if index == bad_step:
             params = _params(model)
-            loss = nn.functional.mse_loss(model(inputs), targets) * math.inf
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            _scaled_step(model, opt, scaler, inputs, targets, loss_factor=math.inf)
             assert all(torch.equal(a, b) for a, b in zip(_params(model), params))
             assert float(fused.state[model[0].weight]["step"]) == bad_step
             opt.zero_grad()
-        loss = nn.functional.mse_loss(model(inputs), targets)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        _scaled_step(model, opt, scaler, inputs, targets)
         opt.zero_grad()
 
     assert opt.step_count == len(batches)
