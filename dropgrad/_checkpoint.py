@@ -1,12 +1,21 @@
 """Checkpoints: DropGrad's state dict, built and loaded.
 
-A DropGrad state dict is the wrapped optimizer's own state dict with one extra
-key, ``"dropgrad"``, holding the rates, scheduler states, generator states and
-counters. Parameters are referred to by their integer position in
-``param_groups`` (torch's convention), so a checkpoint loads into a fresh model.
-Scheduler objects never enter the dict: a rate that is a scheduler is stored as
-``{"scheduler": index}`` and the scheduler's own ``state_dict()`` is stored in a
-list, so everything loads with ``torch.load(weights_only=True)``.
+A DropGrad state dict is the wrapped optimizer's own state dict in which every
+param group carries one extra entry, ``"dropgrad"``: DropGrad's section, with
+the seed, the counters, the rates, the target and granularity and the scheduler
+states. There is no random-generator state: masks are a function of the seed
+and the step counter (see ``_random.py``), so the section is small, holds no
+tensors, and loads with any ``map_location``.
+
+The section lives in the param groups, like ``lr``, because that is what every
+generic checkpointing path carries: ``torch.distributed.checkpoint``'s
+``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` keep only ``state``
+and ``param_groups``, and FSDP, Lightning and the Hugging Face ``Trainer`` pass
+param groups through untouched. Parameters are referred to by their integer
+position in ``param_groups`` (torch's convention), so a checkpoint loads into a
+fresh model. Scheduler objects never enter the dict: a rate that is a scheduler
+is stored as ``{"scheduler": index}`` and the scheduler's own ``state_dict()``
+is stored in a list, so everything loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._random import DeviceGenerators
-from ._rates import check_full_update_drop, check_probability
+from ._random import resolve_seed
+from ._rates import GRANULARITIES, TARGETS, check_choice, check_full_update_drop, check_probability
 from .dropgrad_scheduler import DropRateScheduler
 from .functional import check_distribution
 
@@ -30,16 +39,18 @@ __all__ = ["FORMAT_VERSION", "SECTION_KEY", "build_state_dict", "load_state_dict
 
 SECTION_KEY = "dropgrad"
 _ABSENT = object()
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _SECTION_FIELDS = (
     "format_version",
+    "seed",
     "drop_rate",
     "param_drop_rates",
     "full_update_drop",
     "distribution",
+    "target",
+    "granularity",
     "schedulers",
     "scheduler_types",
-    "generators",
     "step_count",
     "skipped_count",
     "last_step_skipped",
@@ -86,16 +97,10 @@ def build_state_dict(opt: DropGrad) -> dict[str, Any]:
     schedulers = opt._schedulers()
     scheduler_index = {id(s): i for i, s in enumerate(schedulers)}
     state = dict(opt.optimizer.state_dict())
-    groups = []
-    for group in state["param_groups"]:
-        group = dict(group)
-        if "drop_rate" in group:
-            group["drop_rate"] = _encode(group["drop_rate"], scheduler_index)
-        groups.append(group)
-    state["param_groups"] = groups
     position = {param: i for i, param in enumerate(opt._all_params())}
-    state[SECTION_KEY] = {
+    section = {
         "format_version": FORMAT_VERSION,
+        "seed": opt.seed,
         "drop_rate": _encode(opt._default_rate, scheduler_index),
         "param_drop_rates": {
             position[param]: _encode(rate, scheduler_index)
@@ -103,13 +108,22 @@ def build_state_dict(opt: DropGrad) -> dict[str, Any]:
         },
         "full_update_drop": opt.full_update_drop,
         "distribution": opt.distribution,
+        "target": opt.target,
+        "granularity": opt.granularity,
         "schedulers": [s.state_dict() for s in schedulers],
         "scheduler_types": [type(s).__qualname__ for s in schedulers],
-        "generators": opt._generators.state_dict(),
         "step_count": opt.step_count,
         "skipped_count": opt.skipped_count,
         "last_step_skipped": opt.last_step_skipped,
     }
+    groups = []
+    for group in state["param_groups"]:
+        group = dict(group)
+        if "drop_rate" in group:
+            group["drop_rate"] = _encode(group["drop_rate"], scheduler_index)
+        group[SECTION_KEY] = section
+        groups.append(group)
+    state["param_groups"] = groups
     return state
 
 
@@ -127,6 +141,11 @@ def _check_section(section: Any) -> Mapping[str, Any]:
             f"cannot load state_dict: format_version {section['format_version']!r} is not "
             f"supported (this dropgrad reads version {FORMAT_VERSION})"
         )
+    for field in ("target", "granularity"):
+        if not isinstance(section[field], str):
+            raise ValueError(
+                f"cannot load state_dict: {field} must be a string, got {section[field]!r}"
+            )
     for field in ("step_count", "skipped_count"):
         count = section[field]
         if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
@@ -142,8 +161,11 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-    base_state = {key: value for key, value in state_dict.items() if key != SECTION_KEY}
-    if SECTION_KEY not in state_dict:
+    if SECTION_KEY in state_dict:
+        _refuse_top_level_section(state_dict[SECTION_KEY])
+    base_state = dict(state_dict)
+    raw_section, base_state["param_groups"] = _take_sections(state_dict.get("param_groups", []))
+    if raw_section is _ABSENT:
         # A plain optimizer checkpoint: load it into the wrapped optimizer and
         # keep DropGrad's own configuration, including the groups' drop_rate
         # entries that the wrapped optimizer's load would replace.
@@ -153,7 +175,7 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
             if rate is not _ABSENT and "drop_rate" not in group:
                 group["drop_rate"] = rate
         return
-    section = _check_section(state_dict[SECTION_KEY])
+    section = _check_section(raw_section)
 
     schedulers = opt._schedulers()
     scheduler_index = {id(s): i for i, s in enumerate(schedulers)}
@@ -207,13 +229,18 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
 
     full_update_drop = check_full_update_drop(section["full_update_drop"], default)
     distribution = check_distribution(section["distribution"])
+    seed = resolve_seed(section["seed"])
+    target = check_choice(section["target"], "state_dict target", TARGETS)
+    granularity = check_choice(section["granularity"], "state_dict granularity", GRANULARITIES)
+    for i, saved_group in enumerate(saved_groups):
+        for entry, choices in (("target", TARGETS), ("granularity", GRANULARITIES)):
+            if entry in saved_group:
+                check_choice(saved_group[entry], f"state_dict param_groups[{i}][{entry!r}]", choices)
     # Trial loads into copies (a shallow copy suffices: loading replaces attributes,
-    # it does not mutate them), so a malformed scheduler or generator state fails
-    # before the wrapped optimizer is changed.
+    # it does not mutate them), so a malformed scheduler state fails before the
+    # wrapped optimizer is changed.
     for scheduler, scheduler_state in zip(schedulers, section["schedulers"]):
         copy.copy(scheduler).load_state_dict(scheduler_state)
-    generators = DeviceGenerators(0)
-    generators.load_state_dict(section["generators"])
     counters = [int(section[key]) for key in ("step_count", "skipped_count")]
 
     opt.optimizer.load_state_dict(base_state)
@@ -226,6 +253,45 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
     opt._param_rates = param_rates
     opt._full_update_drop = full_update_drop
     opt.distribution = distribution
-    opt._generators = generators
+    opt.seed = seed
+    opt._target = target
+    opt._granularity = granularity
     opt.step_count, opt.skipped_count = counters
     opt.last_step_skipped = bool(section["last_step_skipped"])
+
+
+def _refuse_top_level_section(section: Any) -> None:
+    """A top-level ``"dropgrad"`` entry is the format of dropgrad 0.2, which is not read."""
+    version = section.get("format_version") if isinstance(section, Mapping) else None
+    raise ValueError(
+        f"cannot load state_dict: it was written by an older dropgrad (format_version "
+        f"{version!r}, with random-generator states); this dropgrad reads format "
+        f"{FORMAT_VERSION}, whose masks are keyed by seed and step, so the old mask "
+        "sequence cannot be resumed. To continue with new masks, load the wrapped "
+        "optimizer's part with opt.optimizer.load_state_dict(...) after removing the "
+        "'dropgrad' entry"
+    )
+
+
+def _take_sections(groups: Any) -> tuple[Any, list[Any]]:
+    """DropGrad's section from the saved param groups, and the groups without it.
+
+    Every group of a DropGrad checkpoint carries the same section; a checkpoint
+    whose groups carry none is a plain optimizer's.
+
+    Raises:
+        ValueError: only some groups carry a section.
+    """
+    if not isinstance(groups, list | tuple):
+        return _ABSENT, groups
+    sections = [g.get(SECTION_KEY, _ABSENT) if isinstance(g, Mapping) else _ABSENT for g in groups]
+    present = [s for s in sections if s is not _ABSENT]
+    if not present:
+        return _ABSENT, list(groups)
+    if len(present) != len(groups):
+        raise ValueError(
+            f"cannot load state_dict: {len(present)} of its {len(groups)} param groups carry "
+            f"a {SECTION_KEY!r} section; a DropGrad checkpoint has one in every group"
+        )
+    stripped = [{k: v for k, v in g.items() if k != SECTION_KEY} for g in groups]
+    return present[0], stripped

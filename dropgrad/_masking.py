@@ -1,73 +1,85 @@
-"""Mask kernels: where gradient elements are dropped and survivors rescaled.
+"""Mask kernels: where elements are dropped and survivors rescaled.
 
-Random bits are drawn as 64-bit words and read as four 16-bit *lanes*, one lane
-per gradient element. An element is dropped when its lane falls below a
-threshold ``t = round(p * 65536)`` (at most 65535 for ``p < 1``), so the realized
-drop probability is exactly ``t / 65536`` (within ``2**-17`` of the requested
-``p``, ``2**-16`` just below 1) and survivors are scaled
+Every random decision comes from the keyed word streams of ``_random.py``: the
+decision for element ``i`` of a parameter is a function of that parameter's
+stream key and ``i``, the element's index in the whole (unsharded, flattened)
+parameter. Nothing here keeps state between calls.
+
+**Bernoulli.** Element ``i`` reads the 16-bit lane ``i % 2`` of word ``i // 2``
+and is dropped when the lane falls below ``t = round(p * 65536)`` (at most
+65535 for ``p < 1``). The realized drop probability is exactly ``t / 65536``
+(within ``2**-17`` of ``p``; ``2**-16`` just below 1) and survivors are scaled
 by ``65536 / (65536 - t)``, the inverse of the keep probability actually
-realized. The expected gradient is therefore unchanged exactly, not just
-approximately.
+realized, so the expected result equals the input exactly.
 
-Two implementations of the Bernoulli mask live here:
+**Gaussian.** Element ``i`` reads words ``2i`` and ``2i + 1`` of its noise stream
+as two uniforms and turns them into one standard normal by Box-Muller (in
+float64), giving the multiplier ``1 + z * sqrt(p / (1 - p))``.
 
-* :func:`bernoulli_reference_` draws the lanes for a whole bucket of tensors at
-  once and masks each tensor with ``masked_fill_`` and ``mul_``. It is simple
-  and always correct.
-* :func:`bernoulli_chunked_` hands the same lanes out in order from a
-  :class:`_LaneStream`, block by block. Tensors larger than a block are masked
-  in place in blocks of at most ``CHUNK_LANES`` lanes; runs of small tensors are
-  packed into one buffer, masked, and copied back, so a thousand small gradients
-  cost a handful of ops. Each block is masked with vectorized integer ops (see
-  :func:`bernoulli_chunked_`) rather than ``masked_fill_``. Temporaries stay
-  bounded whatever the parameter size.
+**One block iterator.** :func:`iter_blocks` cuts a list of :class:`MaskTarget`
+into blocks: tensors larger than a block are masked in place block by block,
+runs of small tensors are packed into one buffer so a thousand small gradients
+cost a handful of ops. Each block's hash inputs are built for all of its
+segments at once (one multiply and one add, whatever the number of segments),
+hashed with eleven integer ops, and handed to a per-block operation: the
+Bernoulli mask or the Gaussian multiplier. Temporaries stay bounded by the
+block size whatever the parameter size, and the result does not depend on how
+the elements are cut into blocks, because every element's bits depend only on
+its key and global index.
 
-On CPU, word draws are sequential whatever their sizes, and the stream keeps the
-lanes left over at the end of a draw for the next block, so both
-implementations give every element the same lane and produce bit-identical
-gradients; the tests hold the fast path to that.
+:func:`bernoulli_reference_` and :func:`gaussian_reference_` are the plain
+paths, one tensor at a time, with the words computed by
+:func:`~dropgrad._random.words_reference`; the fast paths are tested
+bit-for-bit against them.
+
+Row and tensor granularity reuse the element kernels: the decisions for rows
+``r0 .. r0 + R - 1`` are the element decisions ``r0 .. r0 + R - 1`` of the same
+stream, computed on a vector of ones and broadcast over each row.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ._random import StreamKey, hash_words_, words_reference
+
 __all__ = [
     "CHUNK_LANES",
     "LANE_LEVELS",
-    "bernoulli_chunked_",
+    "MaskTarget",
+    "bernoulli_keyed_",
     "bernoulli_reference_",
-    "draw_drop_mask",
-    "gaussian_",
-    "gaussian_noise",
+    "gaussian_keyed_",
+    "gaussian_reference_",
+    "iter_blocks",
     "quantize_rate",
+    "row_multipliers",
 ]
 
 LANE_LEVELS = 1 << 16
-_LANES_PER_WORD = 4
 # Lanes are read as signed int16, so thresholds are shifted by half the range.
 _LANE_OFFSET = 1 << 15
-# At most 2**20 lanes per block of ops: the Bernoulli kernel holds 2 bytes of
-# random words per lane and, for runs of small tensors, one packed copy of them;
-# the Gaussian one a chunk of noise (4 or 8 bytes a lane) and a packed copy.
-# Temporaries are bounded by this, whatever the parameter size.
+# At most 2**20 elements per block of ops: a block holds 4 bytes of words per
+# element (8 for Gaussian noise, plus the float64 noise itself) and, for runs
+# of small tensors, one packed copy of them. Temporaries are bounded by this,
+# whatever the parameter size.
 CHUNK_LANES = 1 << 20
 # torch runs an elementwise CPU op on one thread when it has at most this many
-# elements (at::internal::GRAIN_SIZE). An optimizer step over tensors this small
-# never wakes the thread pool, and when the cores are shared with other work a
-# wake-up can cost milliseconds, far more than the work itself. Small tensors are
-# therefore packed into blocks no larger than this, so masking them stays serial
-# too; larger tensors are masked in place, where the thread pool pays off.
+# elements (at::internal::GRAIN_SIZE). Runs of small tensors are packed into
+# blocks no larger than this so masking them never wakes the thread pool, whose
+# wake-up can cost more than the work when the cores are shared; larger tensors
+# are masked in place, where the thread pool pays off.
 _SERIAL_LANES = 1 << 15
-# On CPU, larger tensors are masked in blocks of at most 2**18 lanes: a block's
-# gradient slice and random words (1.5 MiB in float32) stay in the two L2 caches
-# between the passes over them, which measured faster than 2**17 or 2**20.
+# On CPU, larger tensors are masked in blocks of at most 2**18 elements: a
+# block's gradient slice, words and scratch (3 MiB in float32) stay in cache
+# between the passes over them.
 _CPU_BLOCK_LANES = 1 << 18
-assert CHUNK_LANES % _LANES_PER_WORD == 0  # gaussian_ chunks stay word aligned
+_MASK32 = (1 << 32) - 1
 
 
 def quantize_rate(rate: float) -> tuple[int, float]:
@@ -80,34 +92,39 @@ def quantize_rate(rate: float) -> tuple[int, float]:
     """
     if rate >= 1.0:
         return LANE_LEVELS, math.inf
-    # A rate just below 1 keeps at least one level, so the gradient stays
+    # A rate just below 1 keeps at least one level, so the result stays
     # unbiased instead of being rounded to "drop everything".
     threshold = min(round(rate * LANE_LEVELS), LANE_LEVELS - 1)
     return threshold, LANE_LEVELS / (LANE_LEVELS - threshold)
 
 
-def _draw_lanes(count: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """``count`` uniform 16-bit lanes (int16), from ``ceil(count / 4)`` 64-bit words."""
-    words = torch.empty(-(-count // _LANES_PER_WORD), dtype=torch.int64, device=device)
-    # from=-2**63 with no upper bound asks for the full 64-bit range: every lane uniform.
-    words.random_(-(2**63), None, generator=generator)
-    return words.view(torch.int16)[:count]
+@dataclass
+class MaskTarget:
+    """One tensor to mask in place, with the coordinates of its random bits.
 
+    Attributes:
+        values: the dense tensor to modify (a gradient, a sparse gradient's
+            values, a local shard, or a parameter's update).
+        key: the stream key of its parameter at this step.
+        start: global flat index of ``values``' first element, when its
+            elements are consecutive in the whole parameter.
+        index: global flat index of every element (int64, ``values``' shape),
+            for sparse values and shards whose elements are not consecutive;
+            ``None`` otherwise.
+    """
 
-def draw_drop_mask(
-    shape: torch.Size, threshold: int, device: torch.device, generator: torch.Generator | None
-) -> Tensor:
-    """Boolean tensor of ``shape``, each element True with probability ``threshold / 65536``."""
-    count = math.prod(shape)
-    return _draw_lanes(count, device, generator).view(shape) < threshold - _LANE_OFFSET
+    values: Tensor
+    key: StreamKey
+    start: int = 0
+    index: Tensor | None = None
 
 
 def _trivial_(tensors: Sequence[Tensor], threshold: int, scale: float) -> bool:
     """Handle rates that need no random numbers; True when nothing is left to do.
 
-    A rate that rounds to zero draws nothing (so rate 0 is bit-identical to not
-    wrapping), and a rate of one zeroes the tensors instead of multiplying by
-    ``inf``, which would turn zeros into NaN.
+    A rate that rounds to zero computes nothing (so rate 0 is bit-identical to
+    not wrapping), and a rate of one zeroes the tensors instead of multiplying
+    by ``inf``, which would turn zeros into NaN.
     """
     if threshold == 0:
         if scale != 1.0:
@@ -119,146 +136,208 @@ def _trivial_(tensors: Sequence[Tensor], threshold: int, scale: float) -> bool:
     return False
 
 
-def bernoulli_reference_(
-    tensors: Sequence[Tensor],
-    rate: float,
-    generator: torch.Generator | None,
-    scale: float = 1.0,
-) -> None:
-    """Drop elements of ``tensors`` in place with probability ``rate``; the plain path.
+# ---------------------------------------------------------------- reference paths
+
+
+def _global_index(target: MaskTarget) -> Tensor:
+    if target.index is not None:
+        return target.index.reshape(-1).to(torch.int64)
+    count = target.values.numel()
+    return torch.arange(
+        target.start, target.start + count, dtype=torch.int64, device=target.values.device
+    )
+
+
+def lanes_reference(key: StreamKey, index: Tensor) -> Tensor:
+    """The 16-bit lane of each global element ``index`` (int64 values in ``[0, 65536)``)."""
+    words = words_reference(key, index >> 1)
+    return (words >> ((index & 1) * 16)) & 0xFFFF
+
+
+def bernoulli_reference_(targets: Sequence[MaskTarget], rate: float, scale: float = 1.0) -> None:
+    """Drop elements of each target in place with probability ``rate``; the plain path.
 
     Args:
-        tensors: dense tensors of one dtype on one device (any strides).
+        targets: tensors of one dtype on one device (any strides).
         rate: drop probability in ``[0, 1]``.
-        generator: source of the lanes (``None``: the device's default generator).
         scale: extra factor applied to every element (full update drop uses it).
     """
     threshold, keep_scale = quantize_rate(rate)
-    if _trivial_(tensors, threshold, scale):
+    if _trivial_([t.values for t in targets], threshold, scale):
         return
-    total = sum(t.numel() for t in tensors)
-    lanes = _draw_lanes(total, tensors[0].device, generator)
-    factor = scale * keep_scale
-    offset = 0
-    for tensor in tensors:
-        count = tensor.numel()
-        drop = lanes[offset : offset + count].view(tensor.shape) < threshold - _LANE_OFFSET
-        tensor.masked_fill_(drop, 0).mul_(factor)
-        offset += count
+    for target in targets:
+        drop = lanes_reference(target.key, _global_index(target)) < threshold
+        target.values.masked_fill_(drop.view(target.values.shape), 0).mul_(scale * keep_scale)
 
 
-def _chunks(
-    tensors: Sequence[Tensor], sizes: Sequence[int], chunk_lanes: int
-) -> Iterator[tuple[list[Tensor], list[int]]]:
-    """Split the elements of contiguous ``tensors`` into chunks of at most ``chunk_lanes``.
+def _noise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Real dtype noise is applied in: float64 for double types, float32 otherwise."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
 
-    Yields each chunk as 1-D pieces (whole flattened tensors, or slices of a
-    tensor that crosses a chunk boundary) with the pieces' element counts.
+
+def _normals(first: Tensor, second: Tensor) -> Tensor:
+    """Standard normals (float64) from pairs of 32-bit words, by Box-Muller.
+
+    The words are read as unsigned and centred in their cells, so the uniforms
+    lie strictly inside (0, 1) and the logarithm is finite.
     """
-    pieces: list[Tensor] = []
-    counts: list[int] = []
-    filled = 0
-    for tensor, size in zip(tensors, sizes):
+    to_unit = 1.0 / 4294967296.0
+    u1 = (first.to(torch.float64) + 0.5) * to_unit
+    u2 = (second.to(torch.float64) + 0.5) * to_unit
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def _unsigned(words: Tensor) -> Tensor:
+    """int32 words as int64 values in ``[0, 2**32)``."""
+    return words.to(torch.int64) & _MASK32
+
+
+def gaussian_reference_(targets: Sequence[MaskTarget], rate: float, scale: float = 1.0) -> None:
+    """Multiply each target in place by noise from N(1, rate / (1 - rate)); the plain path."""
+    if rate == 0.0 or rate == 1.0:
+        _trivial_([t.values for t in targets], 0 if rate == 0.0 else LANE_LEVELS, scale)
+        return
+    sigma = math.sqrt(rate / (1.0 - rate))
+    for target in targets:
+        index = _global_index(target)
+        z = _normals(
+            words_reference(target.key, 2 * index), words_reference(target.key, 2 * index + 1)
+        )
+        noise = (z * sigma + 1.0).to(_noise_dtype(target.values.dtype))
+        if scale != 1.0:
+            noise.mul_(scale)
+        target.values.mul_(noise.view(target.values.shape))
+
+
+# ---------------------------------------------------------------- the block iterator
+
+
+@dataclass
+class Segment:
+    """Consecutive elements of one target inside a block.
+
+    Attributes:
+        flat: a contiguous 1-D view of the elements (masked in place).
+        key: the target's stream key.
+        start: global index of ``flat[0]``.
+    """
+
+    flat: Tensor
+    key: StreamKey
+    start: int
+
+
+@dataclass
+class Block:
+    """Segments processed together: ``packed`` blocks are copied into one buffer."""
+
+    segments: list[Segment]
+    packed: bool
+
+
+def iter_blocks(
+    tensors: Sequence[tuple[Tensor, StreamKey, int]], block_lanes: int, pack_lanes: int
+) -> Iterator[Block]:
+    """Cut contiguous tensors into blocks of segments.
+
+    Args:
+        tensors: ``(tensor, key, start)`` for each contiguous tensor.
+        block_lanes: most elements masked in place by one block.
+        pack_lanes: tensors of at most this many elements are packed together,
+            up to this many elements per packed block.
+
+    Yields blocks in tensor order. A tensor larger than ``pack_lanes`` forms
+    in-place blocks of its own, split every ``block_lanes`` elements.
+    """
+    pack: list[Segment] = []
+    pack_total = 0
+    for tensor, key, start in tensors:
+        size = tensor.numel()
         if size == 0:
             continue
         # 1-D tensors, the usual small ones (biases, norms), need no view.
         flat = tensor if tensor.dim() == 1 else tensor.view(-1)
-        if filled + size <= chunk_lanes:
-            pieces.append(flat)
-            counts.append(size)
-            filled += size
-        else:
-            start = 0
-            while start < size:
-                take = min(chunk_lanes - filled, size - start)
-                pieces.append(flat[start : start + take])
-                counts.append(take)
-                filled += take
-                start += take
-                if filled == chunk_lanes and start < size:
-                    yield pieces, counts
-                    pieces, counts, filled = [], [], 0
-        if filled == chunk_lanes:
-            yield pieces, counts
-            pieces, counts, filled = [], [], 0
-    if pieces:
-        yield pieces, counts
-
-
-def _map_chunks_(
-    tensors: Sequence[Tensor],
-    chunk_lanes: int,
-    op: Callable[[Tensor, int], None],
-) -> None:
-    """Run ``op(buffer, count)`` on consecutive chunks of the tensors' elements, in place.
-
-    A chunk that lies inside one tensor is a flat view of it. A chunk made of
-    several tensors is packed into one reused buffer with ``cat`` and unpacked
-    with one ``_foreach_copy_``, so a thousand small gradients cost a handful
-    of ops. Non-contiguous tensors are masked through a contiguous copy.
-    """
-    contiguous: list[Tensor] = []
-    copied: list[tuple[Tensor, Tensor]] = []
-    for tensor in tensors:
-        if tensor.is_contiguous():
-            contiguous.append(tensor)
-        else:
-            dense = tensor.contiguous()
-            copied.append((tensor, dense))
-            contiguous.append(dense)
-    sizes = [tensor.numel() for tensor in contiguous]
-    packing: Tensor | None = None
-    for pieces, counts in _chunks(contiguous, sizes, chunk_lanes):
-        if len(pieces) == 1:
-            op(pieces[0], counts[0])
+        if size <= pack_lanes:
+            if pack_total + size > pack_lanes:
+                yield Block(pack, packed=len(pack) > 1)
+                pack, pack_total = [], 0
+            pack.append(Segment(flat, key, start))
+            pack_total += size
             continue
-        count = sum(counts)
-        if packing is None:
-            packing_lanes = min(chunk_lanes, sum(sizes))
-            packing = torch.empty(packing_lanes, dtype=pieces[0].dtype, device=pieces[0].device)
-        packed = torch.cat(pieces, out=packing[:count])
-        op(packed, count)
-        torch._foreach_copy_(pieces, list(packed.split(counts)))
-    for tensor, dense in copied:
-        tensor.copy_(dense)
+        for offset in range(0, size, block_lanes):
+            count = min(block_lanes, size - offset)
+            yield Block([Segment(flat[offset : offset + count], key, start + offset)], False)
+    if pack:
+        yield Block(pack, packed=len(pack) > 1)
 
 
-class _LaneStream:
-    """Consecutive 16-bit lanes from ``generator``, handed out in any counts.
+class _WordBuffers:
+    """Reused int32 buffers for one call: an iota, the words and their scratch."""
 
-    Words are drawn as needed; the up to three lanes left over at the end of a
-    draw are moved into a spare word in front of the buffer and handed out
-    first next time, so the lanes come out in exactly the order that one draw
-    of all of them would produce. A view returned by :meth:`take` may be
-    modified in place and stays valid until the next call.
-    """
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.iota = torch.arange(capacity, dtype=torch.int32, device=device)
+        self.words = torch.empty(capacity, dtype=torch.int32, device=device)
+        self.scratch = torch.empty(capacity, dtype=torch.int32, device=device)
 
-    def __init__(self, capacity: int, device: torch.device, generator: torch.Generator | None):
-        self._generator = generator
-        self._words = torch.empty(
-            1 + -(-capacity // _LANES_PER_WORD), dtype=torch.int64, device=device
-        )
-        self._lanes = self._words.view(torch.int16)
-        self._left = 0  # lanes not handed out yet, ending at lane _left_end
-        self._left_end = _LANES_PER_WORD
+    def hashed(self, runs: Sequence[tuple[StreamKey, int, int]]) -> Tensor:
+        """Hashed words of consecutive ``(key, first_word, count)`` runs, concatenated.
 
-    def take(self, count: int) -> Tensor:
-        """The next ``count`` lanes, int16, as a view into the stream's buffer."""
-        left, spare = self._left, _LANES_PER_WORD
-        if left and self._left_end != spare:
-            # Move the leftovers of the last draw next to where new words start.
-            end = self._left_end
-            self._lanes[spare - left : spare].copy_(self._lanes[end - left : end])
-        start = spare - left
-        if count <= left:
-            self._left, self._left_end = left - count, spare
-            return self._lanes[start : start + count]
-        words = -(-(count - left) // _LANES_PER_WORD)
-        # from=-2**63 with no upper bound asks for the full 64-bit range: every lane uniform.
-        self._words[1 : 1 + words].random_(-(2**63), None, generator=self._generator)
-        drawn_end = spare + words * _LANES_PER_WORD
-        self._left, self._left_end = drawn_end - (start + count), drawn_end
-        return self._lanes[start : start + count]
+        The hash input of position ``q`` in run ``j`` (which starts at ``c_j`` in
+        the buffer) is ``b_j + a_j * (first_j + q - c_j)``, that is
+        ``a_j * q + (b_j + a_j * (first_j - c_j))``: one multiply and one add
+        over the whole buffer, with the per-run constants repeated.
+        """
+        total = sum(count for _, _, count in runs)
+        words = self.words[:total]
+        iota = self.iota[:total]
+        if len(runs) == 1:
+            key, first, _ = runs[0]
+            torch.mul(iota, key.multiplier, out=words)
+            words.add_(key.start(first))
+        else:
+            multipliers, offsets, counts = [], [], []
+            cursor = 0
+            for key, first, count in runs:
+                multipliers.append(key.multiplier)
+                offsets.append(key.start(first - cursor))
+                counts.append(count)
+                cursor += count
+            device = words.device
+            repeats = torch.tensor(counts, device=device)
+            scale = torch.tensor(multipliers, dtype=torch.int32, device=device)
+            shift = torch.tensor(offsets, dtype=torch.int32, device=device)
+            torch.mul(iota, scale.repeat_interleave(repeats, output_size=total), out=words)
+            words.add_(shift.repeat_interleave(repeats, output_size=total))
+        return hash_words_(words, self.scratch[:total])
+
+
+def _dense(targets: Sequence[MaskTarget]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """Contiguous versions of the targets' values and the copies to write back."""
+    dense: list[Tensor] = []
+    write_back: list[tuple[Tensor, Tensor]] = []
+    for target in targets:
+        values = target.values
+        if values.is_contiguous():
+            dense.append(values)
+        else:
+            copy = values.contiguous()
+            dense.append(copy)
+            write_back.append((values, copy))
+    return dense, write_back
+
+
+def _block_sizes(device: torch.device, chunk_lanes: int) -> tuple[int, int]:
+    if device.type == "cpu":
+        return min(chunk_lanes, _CPU_BLOCK_LANES), min(chunk_lanes, _SERIAL_LANES)
+    return chunk_lanes, chunk_lanes
+
+
+def _split_indexed(
+    targets: Sequence[MaskTarget],
+) -> tuple[list[MaskTarget], list[MaskTarget]]:
+    consecutive = [t for t in targets if t.index is None]
+    indexed = [t for t in targets if t.index is not None]
+    return consecutive, indexed
 
 
 # Integer dtype with the itemsize of each gradient dtype, to clear dropped elements
@@ -266,63 +345,70 @@ class _LaneStream:
 _BITS_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def bernoulli_chunked_(
-    tensors: Sequence[Tensor],
+def bernoulli_keyed_(
+    targets: Sequence[MaskTarget],
     rate: float,
-    generator: torch.Generator | None,
     scale: float = 1.0,
     chunk_lanes: int = CHUNK_LANES,
 ) -> None:
     """Same result as :func:`bernoulli_reference_`, with bounded memory and few ops.
 
     Args:
-        tensors: dense tensors of one dtype on one device (any strides).
+        targets: tensors of one dtype on one device (any strides).
         rate: drop probability in ``[0, 1]``.
-        generator: source of the lanes (``None``: the device's default generator).
         scale: extra factor applied to every element (full update drop uses it).
-        chunk_lanes: most lanes masked by one block of ops (a positive int);
-            bounds the temporaries. The result does not depend on it on CPU.
+        chunk_lanes: most elements masked by one block of ops (a positive int);
+            bounds the temporaries. The result does not depend on it.
 
-    On CPU ``masked_fill_`` and comparisons into bool tensors are not
-    vectorized and cost more than the random draw itself, so each block of
-    lanes becomes an integer keep mask instead: clamping a lane to
-    ``[cutoff - 1, cutoff]`` and subtracting it from ``cutoff - 1`` gives all
-    ones for a kept element and zero for a dropped one, with no int16
-    overflow. ANDing the gradient's bits with that mask (sign-extended to the
-    gradient's itemsize) writes +0 exactly where the reference writes 0, NaN
-    and inf included, and the survivors are then scaled as in the reference.
+    On CPU ``masked_fill_`` and comparisons into bool tensors are not vectorized
+    and cost more than the hash itself, so each block's lanes become an integer
+    keep mask instead: clamping a lane to ``[cutoff - 1, cutoff]`` and
+    subtracting it from ``cutoff - 1`` gives all ones for a kept element and zero
+    for a dropped one, with no int16 overflow. ANDing the gradient's bits with
+    that mask (sign-extended to the gradient's itemsize) writes +0 exactly where
+    the reference writes 0, NaN and inf included, and the survivors are then
+    scaled as in the reference. On CUDA, when Triton is available, each
+    contiguous tensor is masked by one fused kernel instead.
     """
-    if not tensors:
+    if not targets:
         return
     threshold, keep_scale = quantize_rate(rate)
-    if _trivial_(tensors, threshold, scale):
+    if _trivial_([t.values for t in targets], threshold, scale):
         return
-    itemsize = tensors[0].dtype.itemsize
+    factor = scale * keep_scale
+    consecutive, indexed = _split_indexed(targets)
+    if indexed:
+        bernoulli_reference_(indexed, rate, scale)
+    if not consecutive:
+        return
+    values0 = consecutive[0].values
+    itemsize = values0.dtype.itemsize
     if itemsize not in _BITS_DTYPES and itemsize != 16:
-        bernoulli_reference_(tensors, rate, generator, scale)
+        bernoulli_reference_(consecutive, rate, scale)
         return
+    device, dtype = values0.device, values0.dtype
+    dense, write_back = _dense(consecutive)
+    if device.type != "cpu" and _triton_masks_(dense, consecutive, threshold, factor):
+        for original, copy in write_back:
+            original.copy_(copy)
+        return
+
     # complex128 (16 bytes): one lane per element, clearing both 64-bit halves.
     bits_dtype = _BITS_DTYPES.get(itemsize, torch.int64)
-    factor = scale * keep_scale
-    device, dtype = tensors[0].device, tensors[0].dtype
     # threshold is in [1, 65535] here, so both bounds fit in int16.
     low = threshold - _LANE_OFFSET - 1
     low_tensor = torch.tensor(low, dtype=torch.int16, device=device)
-
-    dense = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-    sizes = [t.numel() for t in dense]
-    if device.type == "cpu":
-        pack_lanes = min(chunk_lanes, _SERIAL_LANES)
-        chunk_lanes = min(chunk_lanes, _CPU_BLOCK_LANES)
-    else:
-        pack_lanes = chunk_lanes
-    stream = _LaneStream(min(chunk_lanes, sum(sizes)), device, generator)
-
-    def keep_mask(count: int) -> Tensor:
-        """All-ones int16 for each of the next ``count`` lanes that keeps, zero for each drop."""
-        keep = stream.take(count)
-        keep.clamp_(low, low + 1)
-        return torch.sub(low_tensor, keep, out=keep)
+    block_lanes, pack_lanes = _block_sizes(device, chunk_lanes)
+    # A block needs at most one word per two elements plus one per segment (a
+    # segment may start and end in the middle of a word), and no call needs more
+    # words than all of its elements.
+    capacity = min(
+        max(block_lanes // 2 + 1, pack_lanes),
+        sum(t.numel() for t in dense) // 2 + len(dense) + 1,
+    )
+    buffers = _WordBuffers(capacity, device)
+    pad = torch.zeros(1, dtype=dtype, device=device)
+    packing: Tensor | None = None
 
     def apply_(flat: Tensor, keep: Tensor) -> None:
         # The AND sign-extends the int16 mask to the gradient's itemsize itself;
@@ -333,115 +419,141 @@ def bernoulli_chunked_(
         bits.bitwise_and_(keep)
         flat.mul_(factor)
 
-    # Small tensors are packed into one buffer; larger ones share one keep mask
-    # per group but are masked in place. Both are flushed before the other
-    # kind is collected, so lanes go to elements in tensor order, as in the
-    # reference.
-    pack: list[Tensor] = []
-    pack_sizes: list[int] = []
-    group: list[Tensor] = []
-    group_sizes: list[int] = []
-    packing: Tensor | None = None
-    pack_total = group_total = 0
+    def keep_mask(block: Block) -> tuple[Tensor, list[int]]:
+        """All-ones int16 lanes where an element is kept, zero where dropped; and
+        the lane position of each segment's first element."""
+        runs = []
+        positions = []
+        cursor = 0
+        for segment in block.segments:
+            first_word = segment.start >> 1
+            last_word = (segment.start + segment.flat.numel() - 1) >> 1
+            count = last_word - first_word + 1
+            runs.append((segment.key, first_word, count))
+            positions.append(2 * cursor + (segment.start & 1))
+            cursor += count
+        lanes = buffers.hashed(runs).view(torch.int16)
+        lanes.clamp_(low, low + 1)
+        torch.sub(low_tensor, lanes, out=lanes)
+        return lanes, positions
 
-    def mask_pack_() -> None:
-        nonlocal packing, pack_total
-        if len(pack) == 1:
-            apply_(pack[0], keep_mask(pack_total))
-        elif pack:
-            if packing is None:
-                packing = torch.empty(pack_lanes, dtype=dtype, device=device)
-            packed = torch.cat(pack, out=packing[:pack_total])
-            apply_(packed, keep_mask(pack_total))
-            torch._foreach_copy_(pack, list(packed.split(pack_sizes)))
-        pack.clear()
-        pack_sizes.clear()
-        pack_total = 0
-
-    def mask_group_() -> None:
-        nonlocal group_total
-        if group:
-            keep = keep_mask(group_total)
-            for flat, part in zip(group, keep.split(group_sizes)):
-                apply_(flat, part)
-        group.clear()
-        group_sizes.clear()
-        group_total = 0
-
-    for tensor, size in zip(dense, sizes):
-        if size == 0:
+    tensors = [(t, target.key, target.start) for t, target in zip(dense, consecutive)]
+    for block in iter_blocks(tensors, block_lanes, pack_lanes):
+        lanes, positions = keep_mask(block)
+        if not block.packed:
+            for segment, position in zip(block.segments, positions):
+                count = segment.flat.numel()
+                apply_(segment.flat, lanes[position : position + count])
             continue
-        # 1-D tensors, the usual small ones (biases, norms), need no view.
-        flat = tensor if tensor.dim() == 1 else tensor.view(-1)
-        if size <= pack_lanes:
-            mask_group_()
-            if pack_total + size > pack_lanes:
-                mask_pack_()
-            pack.append(flat)
-            pack_sizes.append(size)
-            pack_total += size
-            continue
-        mask_pack_()
-        if size > chunk_lanes:
-            mask_group_()
-            for start in range(0, size, chunk_lanes):
-                count = min(chunk_lanes, size - start)
-                apply_(flat[start : start + count], keep_mask(count))
-            continue
-        if group_total + size > chunk_lanes:
-            mask_group_()
-        group.append(flat)
-        group_sizes.append(size)
-        group_total += size
-    mask_pack_()
-    mask_group_()
-    for tensor, copy in zip(tensors, dense):
-        if copy is not tensor:
-            tensor.copy_(copy)
+        # Pack the segments in lane order, with a pad element wherever a
+        # segment starts or ends in the middle of a word.
+        pieces: list[Tensor] = []
+        for segment in block.segments:
+            end = segment.start + segment.flat.numel()
+            if segment.start & 1:
+                pieces.append(pad)
+            pieces.append(segment.flat)
+            if end & 1:
+                pieces.append(pad)
+        total = lanes.numel()
+        if packing is None:
+            packing = torch.empty(2 * capacity, dtype=dtype, device=device)
+        packed = torch.cat(pieces, out=packing[:total])
+        apply_(packed, lanes)
+        flats = [segment.flat for segment in block.segments]
+        torch._foreach_copy_(
+            flats,
+            [
+                packed[position : position + flat.numel()]
+                for flat, position in zip(flats, positions)
+            ],
+        )
+    for original, copy in write_back:
+        original.copy_(copy)
 
 
-def _noise_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Real dtype noise is drawn in: float64 for double types, float32 otherwise."""
-    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+def _triton_masks_(
+    dense: Sequence[Tensor], targets: Sequence[MaskTarget], threshold: int, factor: float
+) -> bool:
+    """Mask each tensor with the fused Triton kernel; False when it cannot be used."""
+    from ._triton_mask import bernoulli_keyed_triton_, triton_usable
+
+    if not all(triton_usable(t) for t in dense):
+        return False
+    for tensor, target in zip(dense, targets):
+        bernoulli_keyed_triton_(tensor.view(-1), target.start, target.key, threshold, factor)
+    return True
 
 
-def gaussian_noise(
-    shape: torch.Size,
+def gaussian_keyed_(
+    targets: Sequence[MaskTarget],
     rate: float,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """Multiplicative noise from N(1, rate / (1 - rate)) for a tensor of ``dtype``; ``rate < 1``."""
-    noise = torch.empty(shape, dtype=_noise_dtype(dtype), device=device)
-    return noise.normal_(1.0, math.sqrt(rate / (1.0 - rate)), generator=generator)
-
-
-def gaussian_(
-    tensors: Sequence[Tensor],
-    rate: float,
-    generator: torch.Generator | None,
     scale: float = 1.0,
     chunk_lanes: int = CHUNK_LANES,
 ) -> None:
-    """Multiply ``tensors`` in place by noise from N(1, rate / (1 - rate)).
+    """Same result as :func:`gaussian_reference_`, block by block.
 
-    The variance matches that of the Bernoulli mask with the same rate (Tseng et
-    al., 2020). Rate 0 leaves the tensors untouched (times ``scale``) and draws
-    nothing; rate 1 zeroes them.
+    Args:
+        targets: tensors of one dtype on one device (any strides).
+        rate: the drop rate whose Bernoulli variance the noise matches.
+        scale: extra factor applied to every element.
+        chunk_lanes: most elements per block; the result does not depend on it.
     """
-    if rate == 0.0:
-        _trivial_(tensors, 0, scale)
+    if not targets:
         return
-    if rate == 1.0:
-        _trivial_(tensors, LANE_LEVELS, scale)
+    if rate == 0.0 or rate == 1.0:
+        _trivial_([t.values for t in targets], 0 if rate == 0.0 else LANE_LEVELS, scale)
         return
-    dtype, device = tensors[0].dtype, tensors[0].device
-
-    def multiply_(buffer: Tensor, count: int) -> None:
-        noise = gaussian_noise(torch.Size([count]), rate, dtype, device, generator)
+    consecutive, indexed = _split_indexed(targets)
+    if indexed:
+        gaussian_reference_(indexed, rate, scale)
+    if not consecutive:
+        return
+    sigma = math.sqrt(rate / (1.0 - rate))
+    device, dtype = consecutive[0].values.device, consecutive[0].values.dtype
+    noise_dtype = _noise_dtype(dtype)
+    dense, write_back = _dense(consecutive)
+    # Two words per element, so half as many elements per block as words.
+    block_lanes, pack_lanes = (size // 2 for size in _block_sizes(device, chunk_lanes))
+    buffers = _WordBuffers(2 * max(block_lanes, pack_lanes), device)
+    tensors = [(t, target.key, target.start) for t, target in zip(dense, consecutive)]
+    for block in iter_blocks(tensors, block_lanes, pack_lanes):
+        runs = [(s.key, 2 * s.start, 2 * s.flat.numel()) for s in block.segments]
+        words = _unsigned(buffers.hashed(runs)).view(-1, 2)
+        noise = (_normals(words[:, 0], words[:, 1]) * sigma + 1.0).to(noise_dtype)
         if scale != 1.0:
             noise.mul_(scale)
-        buffer.mul_(noise)
+        cursor = 0
+        for segment in block.segments:
+            count = segment.flat.numel()
+            segment.flat.mul_(noise[cursor : cursor + count])
+            cursor += count
+    for original, copy in write_back:
+        original.copy_(copy)
 
-    _map_chunks_(tensors, chunk_lanes, multiply_)
+
+# ---------------------------------------------------------------- row and tensor decisions
+
+
+def row_multipliers(
+    key: StreamKey,
+    first_row: int,
+    rows: int,
+    rate: float,
+    distribution: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    kernel: Callable[[Sequence[MaskTarget], float], None] | None = None,
+) -> Tensor:
+    """The multiplier of each of ``rows`` rows starting at global row ``first_row``.
+
+    Row ``r`` uses the decision of element ``r`` of the stream, so row and
+    tensor granularity share the element kernels (and their reference paths).
+    Returns a tensor of ``rows`` multipliers in the noise dtype for ``dtype``:
+    0 or ``1 / keep`` for Bernoulli, noise for Gaussian.
+    """
+    ones = torch.ones(rows, dtype=_noise_dtype(dtype), device=device)
+    if kernel is None:
+        kernel = gaussian_keyed_ if distribution == "gaussian" else bernoulli_keyed_
+    kernel([MaskTarget(ones, key, first_row)], rate)
+    return ones

@@ -1,136 +1,211 @@
-"""DropGrad's own random number generators, one per device.
+"""Counter-based randomness: every random bit is a pure function of its coordinates.
 
-Masks and skip decisions never touch torch's global RNG, so wrapping an
-optimizer does not change what the rest of a training script draws, and a
-checkpoint that stores these generators resumes the exact mask sequence.
+DropGrad keeps no random-number-generator state. The keep-or-drop decision for
+element ``i`` of parameter ``k`` at DropGrad step ``s`` is computed from
+``(seed, s, k, i)`` alone, so it is the same on every device, in every process
+and under every way of cutting the parameter into shards, and a checkpoint
+needs only the seed and the step counter to resume the exact mask sequence.
+
+The construction has two levels:
+
+* **Stream keys** (:func:`stream_key`, plain Python integers). The 64-bit
+  SplitMix64 finalizer is chained over the seed, a domain constant (masks,
+  Gaussian noise and full-update skips use different ones), the step and the
+  parameter index. Each link is a bijection of 64-bit integers, so distinct
+  ``(step, index)`` pairs under one seed give distinct keys. A key is split
+  into an odd 32-bit multiplier ``a`` and a 32-bit offset ``b``.
+* **Words** (:func:`hash_words_`, tensor ops). Word ``w`` of a stream is
+  ``lowbias32(b + a * w mod 2**32)``, where ``lowbias32`` is a 32-bit
+  xorshift-multiply integer hash (C. Wellons' "hash prospector", bias about
+  0.17, lower than MurmurHash3's finalizer). Because ``a`` differs between
+  streams, two streams never run through the same hash inputs in the same
+  order: their inputs coincide only at isolated positions, as two independent
+  random sequences would, never along a shifted run.
+
+Each 32-bit word holds two 16-bit *lanes*: element ``2w`` of a parameter reads
+the low half of word ``w`` and element ``2w + 1`` the high half (on a
+little-endian machine this is simply the word buffer viewed as ``int16``).
+The Gaussian variant reads two whole words per element (see ``_masking.py``).
+
+torch has no unsigned 32-bit arithmetic, so words live in ``int32`` tensors;
+multiplication and addition wrap modulo ``2**32`` exactly as unsigned
+arithmetic would, and a logical right shift is an arithmetic shift followed by
+a mask that clears the copied sign bits.
 """
 
 from __future__ import annotations
 
-import hashlib
 import numbers
-from collections.abc import Mapping
-from typing import Any
+import sys
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-__all__ = ["SKIP_STREAM", "DeviceGenerators", "resolve_seed"]
+__all__ = [
+    "GAUSSIAN_DOMAIN",
+    "MASK_DOMAIN",
+    "SEED_LIMIT",
+    "SKIP_DOMAIN",
+    "StreamKey",
+    "default_seed",
+    "hash_words_",
+    "lowbias32",
+    "resolve_seed",
+    "skip_decision",
+    "splitmix64",
+    "stream_key",
+    "words_reference",
+]
 
-_SEED_LIMIT = 2**63
-#: Name of the stream that makes full-update skip decisions.
-SKIP_STREAM = "skip"
+SEED_LIMIT = 2**64
+_MASK64 = (1 << 64) - 1
+_MASK32 = (1 << 32) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+# Domain constants keep the streams of different purposes apart: a mask stream
+# and a skip stream never share a key, whatever the step and index.
+MASK_DOMAIN = 0x6D61736B  # "mask"
+GAUSSIAN_DOMAIN = 0x6E6F6973  # "nois"
+SKIP_DOMAIN = 0x736B6970  # "skip"
+# Domain of the seed derived from torch's initial seed, so DropGrad's bits are
+# unrelated to the numbers torch's own generator produces from that seed.
+_DEFAULT_SEED_DOMAIN = 0x64656661  # "defa"
+
+# lowbias32 constants (Wellons), as signed int32 for torch.
+_HASH_MUL1 = 0x7FEB352D
+_HASH_MUL2 = 0x846CA68B - (1 << 32)
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("dropgrad's lane layout assumes a little-endian machine")
+
+
+def splitmix64(value: int) -> int:
+    """The SplitMix64 output function of ``value + golden gamma`` (64-bit, a bijection)."""
+    z = (value + _GOLDEN_GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def lowbias32(value: int) -> int:
+    """The word hash on one Python integer; the scalar twin of :func:`hash_words_`."""
+    x = value & _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _to_int32(value: int) -> int:
+    """The signed int32 with the same 32 bits as ``value``."""
+    value &= _MASK32
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+class StreamKey(NamedTuple):
+    """The two halves of a stream key: word ``w`` hashes ``b + a * w`` (mod ``2**32``)."""
+
+    a: int  # odd, in [0, 2**32)
+    b: int  # in [0, 2**32)
+
+    def start(self, word: int) -> int:
+        """Hash input of word ``word``, as a signed int32 for torch."""
+        return _to_int32(self.b + self.a * word)
+
+    @property
+    def multiplier(self) -> int:
+        """``a`` as a signed int32 for torch."""
+        return _to_int32(self.a)
+
+
+def stream_key(seed: int, domain: int, step: int, index: int) -> StreamKey:
+    """The key of the stream for ``(seed, domain, step, index)``.
+
+    ``step`` and ``index`` are non-negative ints below ``2**64``; ``index`` is
+    the parameter's position in ``param_groups`` (0 for streams that are not
+    per parameter).
+    """
+    key = splitmix64(seed ^ domain)
+    key = splitmix64(key ^ (step & _MASK64))
+    key = splitmix64(key ^ (index & _MASK64))
+    return StreamKey(a=(key & _MASK32) | 1, b=key >> 32)
+
+
+def skip_decision(seed: int, step: int, probability: float) -> bool:
+    """Whether full update drop skips step ``step``: a function of ``(seed, step)`` only.
+
+    The uniform number is the top 53 bits of one more SplitMix64 round of the
+    skip stream's key, so every rank and every resumed run decides alike.
+    """
+    if probability <= 0.0:
+        return False
+    if probability >= 1.0:
+        return True
+    key = stream_key(seed, SKIP_DOMAIN, step, 0)
+    uniform = (splitmix64((key.b << 32) | key.a) >> 11) / float(1 << 53)
+    return uniform < probability
+
+
+def hash_words_(words: Tensor, scratch: Tensor) -> Tensor:
+    """Hash ``words`` (int32, holding the hash inputs) in place; returns ``words``.
+
+    ``scratch`` is an int32 tensor of the same shape that the logical shifts
+    write into. Eleven elementwise ops; every op wraps modulo ``2**32``.
+    """
+    for shift, multiplier in ((16, _HASH_MUL1), (15, _HASH_MUL2), (16, 0)):
+        # x ^= x >>> shift, with the sign bits of the arithmetic shift cleared.
+        torch.bitwise_right_shift(words, shift, out=scratch)
+        scratch.bitwise_and_((1 << (32 - shift)) - 1)
+        words.bitwise_xor_(scratch)
+        if multiplier:
+            words.mul_(multiplier)
+    return words
+
+
+def words_reference(key: StreamKey, word_index: Tensor) -> Tensor:
+    """Word ``word_index`` of stream ``key``, as int64 values in ``[0, 2**32)``.
+
+    The plain path: every step is done in int64 and masked to 32 bits, so no op
+    relies on wrapping. The fast paths are tested bit-for-bit against it.
+    """
+    x = (word_index.to(torch.int64) * key.a + key.b) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
 
 
 def resolve_seed(seed: Any) -> int:
-    """Validate ``seed`` or, for ``None``, draw one from torch's global RNG.
-
-    When ``torch.distributed`` is initialized and ``seed`` is ``None``, rank 0's
-    draw is broadcast, so data-parallel replicas that seed torch differently per
-    rank still draw identical masks. An explicit seed is used as given on every
-    rank.
+    """Validate ``seed`` or, for ``None``, derive the default seed.
 
     Raises:
         TypeError: ``seed`` is not an int (bools are refused).
-        ValueError: ``seed`` is outside ``[0, 2**63)``.
+        ValueError: ``seed`` is outside ``[0, 2**64)``.
     """
     if seed is None:
-        drawn = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-        if dist.is_available() and dist.is_initialized():
-            shared = [drawn]
-            dist.broadcast_object_list(shared, src=0)
-            drawn = int(shared[0])
-        return drawn
+        return default_seed()
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
     value = int(seed)
-    if not 0 <= value < _SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed!r}")
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed!r}")
     return value
 
 
-def _device_key(device: torch.device) -> str:
-    """Canonical name of a device, with the current index filled in for bare 'cuda'."""
-    if device.type != "cpu" and device.index is None:
-        module = getattr(torch, device.type, None)
-        if module is not None and hasattr(module, "current_device"):
-            device = torch.device(device.type, module.current_device())
-    return str(device)
+def default_seed() -> int:
+    """A seed derived from ``torch.initial_seed()``, drawing nothing from any generator.
 
-
-def _describe(value: Any) -> str:
-    """A short description of a malformed state, without dumping its tensors."""
-    if isinstance(value, Mapping):
-        return "a dict with " + ", ".join(
-            f"{key!r}: {type(item).__name__}" for key, item in value.items()
-        )
-    return type(value).__name__
-
-
-def _stream_seed(seed: int, stream: str) -> int:
-    """Seed of a named stream: the base seed itself for the default stream,
-    otherwise a 64-bit hash of both, so streams are unrelated to each other."""
-    if not stream:
-        return seed
-    digest = hashlib.blake2b(f"{seed}/{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-class DeviceGenerators:
-    """Lazily created ``torch.Generator`` objects, one per device and stream, from one seed.
-
-    The default stream of a device draws masks for ordinary (replicated)
-    gradients, so data-parallel ranks draw identical masks. Full-update skip
-    decisions have a CPU stream of their own (:data:`SKIP_STREAM`), so they do
-    not depend on how many mask bits a process consumed and every rank makes
-    the same decisions. Sharded gradients use a per-rank stream, so different
-    shards of one tensor get independent masks.
+    ``torch.manual_seed(n)`` therefore fixes DropGrad's masks too, and building
+    DropGrad does not change what the rest of the script draws. Under
+    ``torch.distributed`` rank 0's value is broadcast, so replicas whose
+    scripts seed torch differently per rank still draw identical masks.
     """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._generators: dict[str, torch.Generator] = {}
-        # States loaded for devices not used yet in this process.
-        self._pending: dict[str, torch.Tensor] = {}
-
-    def get(self, device: torch.device, stream: str = "") -> torch.Generator:
-        """The generator of ``stream`` on ``device``, created and seeded on first use."""
-        device_name = _device_key(device)
-        key = f"{device_name}/{stream}" if stream else device_name
-        generator = self._generators.get(key)
-        if generator is None:
-            generator = torch.Generator(device=device_name)
-            generator.manual_seed(_stream_seed(self.seed, stream))
-            if key in self._pending:
-                generator.set_state(self._pending.pop(key))
-            self._generators[key] = generator
-        return generator
-
-    def skip_generator(self) -> torch.Generator:
-        """The CPU generator of full-update skip decisions, used for nothing else."""
-        return self.get(torch.device("cpu"), SKIP_STREAM)
-
-    def state_dict(self) -> dict[str, Any]:
-        states = dict(self._pending)
-        states.update({key: g.get_state() for key, g in self._generators.items()})
-        return {"seed": self.seed, "states": states}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore seed and generator states; devices absent here are restored on first use.
-
-        Raises:
-            ValueError: ``state_dict`` is not one :meth:`state_dict` returns.
-        """
-        states = state_dict.get("states") if isinstance(state_dict, Mapping) else None
-        if (
-            not isinstance(states, Mapping)
-            or not all(isinstance(s, torch.Tensor) for s in states.values())
-            or not isinstance(state_dict.get("seed"), numbers.Integral)
-        ):
-            raise ValueError(
-                "generator state must be a dict with an int 'seed' and a dict 'states' of "
-                f"device name to state tensor, got {_describe(state_dict)}"
-            )
-        self.seed = resolve_seed(state_dict["seed"])
-        self._generators = {}
-        self._pending = {str(key): state.clone() for key, state in states.items()}
+    seed = splitmix64(torch.initial_seed() ^ _DEFAULT_SEED_DOMAIN)
+    if dist.is_available() and dist.is_initialized():
+        shared = [seed]
+        dist.broadcast_object_list(shared, src=0)
+        seed = int(shared[0])
+    return seed

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 
 __all__ = [
+    "GRANULARITIES",
+    "TARGETS",
+    "check_choice",
     "check_full_update_drop",
     "check_probability",
     "match_names",
@@ -129,3 +132,25 @@ def match_names(
                 f"name or a dotted module prefix of one (known names include {examples})"
             )
     return {param: key for param, (_, key) in best.items()}
+
+
+#: Where the mask goes: the gradient before the wrapped step, or the change it makes.
+TARGETS = ("gradient", "update")
+#: What one keep-or-drop decision covers.
+GRANULARITIES = ("element", "row", "tensor")
+
+
+def check_choice(value: Any, argument: str, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of the strings ``choices``.
+
+    Raises:
+        TypeError: ``value`` is not a string.
+        ValueError: ``value`` is not one of ``choices``.
+    """
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{argument} must be a string, one of {choices}, got {type(value).__name__} {value!r}"
+        )
+    if value not in choices:
+        raise ValueError(f"{argument} must be one of {choices}, got {value!r}")
+    return value

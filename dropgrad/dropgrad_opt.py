@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _checkpoint
-from ._masking import bernoulli_chunked_, bernoulli_reference_, gaussian_
-from ._random import DeviceGenerators, resolve_seed
-from ._rates import check_full_update_drop, check_probability, match_names, named_parameters_of
+from ._random import resolve_seed, skip_decision
+from ._rates import (
+    GRANULARITIES,
+    TARGETS,
+    check_choice,
+    check_full_update_drop,
+    check_probability,
+    match_names,
+    named_parameters_of,
+)
 from .dropgrad_scheduler import DropRateScheduler
+from ._apply import Located, Planned, UpdateSnapshots, is_dtensor, locate, mask_all
 from .functional import check_distribution
-
-if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
 
 __all__ = ["DropGrad", "Rate"]
 
@@ -41,17 +45,21 @@ _UNPICKLED_ATTRIBUTES = (
 )
 
 
-def _is_dtensor(tensor: Tensor) -> TypeGuard[DTensor]:
-    """Whether ``tensor`` is a DTensor, without importing torch.distributed.tensor eagerly."""
-    dtensor_module = sys.modules.get("torch.distributed.tensor")
-    return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
-
-
 def _check_rate(value: Any, argument: str) -> Rate:
     """A rate as DropGrad accepts it: ``None``, a scheduler, or a probability."""
     if value is None or isinstance(value, DropRateScheduler):
         return value
     return check_probability(value, argument)
+
+
+def _check_group_entries(group: Mapping[str, Any], where: str) -> None:
+    """Validate a param group's own ``drop_rate``, ``target`` and ``granularity``."""
+    if "drop_rate" in group:
+        _check_rate(group["drop_rate"], f"{where}['drop_rate']")
+    if "target" in group:
+        check_choice(group["target"], f"{where}['target']", TARGETS)
+    if "granularity" in group:
+        check_choice(group["granularity"], f"{where}['granularity']", GRANULARITIES)
 
 
 class _SharedWithWrapped:
@@ -124,22 +132,41 @@ class DropGrad(Optimizer):
             gradient is also divided by ``1 - q``.
         distribution: ``"bernoulli"`` (default) or ``"gaussian"``, which
             multiplies each element by noise from ``N(1, p / (1 - p))``.
-        seed: seed of DropGrad's own generators (an int in ``[0, 2**63)``).
-            ``None`` (default) draws one from torch's global RNG now, so
-            ``torch.manual_seed`` makes a run reproducible; under
-            ``torch.distributed`` rank 0's draw is used on every rank.
+        seed: the key of every mask (an int in ``[0, 2**64)``): the decision
+            for element ``i`` of parameter ``k`` at step ``s`` is a function of
+            ``(seed, s, k, i)`` only. ``None`` (default) derives it from
+            ``torch.initial_seed()`` without drawing from any generator, so
+            ``torch.manual_seed`` makes a run reproducible and wrapping changes
+            nothing else the script draws; under ``torch.distributed`` rank 0's
+            value is used on every rank.
+        target: ``"gradient"`` (default) masks the gradient before the wrapped
+            step; ``"update"`` lets the wrapped optimizer see the whole
+            gradient and masks the change it makes to each parameter,
+            ``p = p_before + m * (p_after - p_before) / keep``. Everything the
+            optimizer puts into that change is masked, decoupled weight decay
+            included. It costs one copy of every parameter with a positive
+            rate, held during the step. A param group's ``'target'`` entry
+            overrides it.
+        granularity: what one keep-or-drop decision covers: ``"element"``
+            (default), ``"row"`` (each slice along dim 0: an output neuron or
+            filter; one decision per element of a 1-D parameter) or
+            ``"tensor"`` (the whole parameter). A param group's
+            ``'granularity'`` entry overrides it.
 
     Raises:
         TypeError: ``optimizer`` is not an Optimizer, or an argument has the
             wrong type (bools and strings are not rates).
         ValueError: a rate is outside ``[0, 1]`` or NaN, no rate source is
             given, both ``drop_rate`` and ``drop_rate_scheduler`` are given, a
-            ``params`` key does not belong to the optimizer, or
-            ``full_update_drop=True`` has no default rate to borrow.
+            ``params`` key does not belong to the optimizer,
+            ``full_update_drop=True`` has no default rate to borrow, or
+            ``target`` / ``granularity`` is not one of the choices above.
 
     Attributes:
         optimizer: the wrapped optimizer.
-        step_count: number of ``step()`` calls made, skipped ones included.
+        seed: the mask key in use (an int in ``[0, 2**64)``).
+        step_count: number of ``step()`` calls made, skipped ones included
+            (the ``s`` of the mask key).
         skipped_count: number of steps skipped by full update drop.
         last_step_skipped: whether the most recent step was skipped.
 
@@ -166,6 +193,8 @@ class DropGrad(Optimizer):
         full_update_drop: bool | float = False,
         distribution: str = "bernoulli",
         seed: int | None = None,
+        target: str = "gradient",
+        granularity: str = "element",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -190,8 +219,9 @@ class DropGrad(Optimizer):
                 )
             default = drop_rate_scheduler
         for i, group in enumerate(optimizer.param_groups):
-            if "drop_rate" in group:
-                _check_rate(group["drop_rate"], f"param_groups[{i}]['drop_rate']")
+            _check_group_entries(group, f"param_groups[{i}]")
+        target = check_choice(target, "target", TARGETS)
+        granularity = check_choice(granularity, "granularity", GRANULARITIES)
         param_rates = self._resolve_params(optimizer, params)
         if (
             default is None
@@ -218,12 +248,14 @@ class DropGrad(Optimizer):
         self._param_rates: dict[Tensor, Rate] = param_rates
         self._full_update_drop: bool | float = full_update_drop
         self._distribution = distribution
-        self._generators = DeviceGenerators(seed)
+        self._target = target
+        self._granularity = granularity
+        self.seed = seed
         self.step_count = 0
         self.skipped_count = 0
         self.last_step_skipped = False
-        # "chunked" is the fast path; "reference" the plain one it is tested against.
-        self._mask_impl = "chunked"
+        # "fast" is the block path; "reference" the plain one it is tested against.
+        self._mask_impl = "fast"
 
     # ------------------------------------------------------------------ rates
 
@@ -296,18 +328,28 @@ class DropGrad(Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _plan(self) -> list[tuple[Tensor, float | None]]:
-        """Each parameter with the rate it gets at this step."""
+    def _plan(self) -> list[Planned]:
+        """Each parameter, once, with its index, rate, target and granularity at this step.
+
+        torch tolerates a parameter listed twice; it is planned (and masked)
+        once, at its first position.
+        """
         default = self._current(self._default_rate, "drop_rate")
-        plan: list[tuple[Tensor, float | None]] = []
+        plan: list[Planned] = []
+        seen: set[int] = set()
+        index = 0
         for i, group in enumerate(self.param_groups):
             group_rate = self._group_rate(i, group, default)
+            target = group.get("target", self._target)
+            granularity = group.get("granularity", self._granularity)
             for param in group["params"]:
+                position, index = index, index + 1
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
                 own = self._param_rates.get(param, _MISSING)
-                if own is _MISSING:
-                    plan.append((param, group_rate))
-                else:
-                    plan.append((param, self._current(own, "params")))  # type: ignore[arg-type]
+                rate = group_rate if own is _MISSING else self._current(own, "params")  # type: ignore[arg-type]
+                plan.append(Planned(position, param, rate, target, granularity))
         return plan
 
     def _schedulers(self) -> list[DropRateScheduler]:
@@ -360,6 +402,24 @@ class DropGrad(Optimizer):
     def distribution(self, value: str) -> None:
         self._distribution = check_distribution(value)
 
+    @property
+    def target(self) -> str:
+        """Default mask target, ``"gradient"`` or ``"update"``; a group's ``'target'`` wins."""
+        return self._target
+
+    @target.setter
+    def target(self, value: str) -> None:
+        self._target = check_choice(value, "target", TARGETS)
+
+    @property
+    def granularity(self) -> str:
+        """Default granularity, ``"element"``, ``"row"`` or ``"tensor"``; a group's entry wins."""
+        return self._granularity
+
+    @granularity.setter
+    def granularity(self, value: str) -> None:
+        self._granularity = check_choice(value, "granularity", GRANULARITIES)
+
     def get_drop_rates(self) -> list[float | None]:
         """The rate each param group gets at the next step, like ``get_last_lr()``.
 
@@ -398,47 +458,62 @@ class DropGrad(Optimizer):
             return self.drop_rate or 0.0
         return float(setting)
 
-    def _kernel(self) -> Callable[..., None]:
-        if self.distribution == "gaussian":
-            return gaussian_
-        return bernoulli_reference_ if self._mask_impl == "reference" else bernoulli_chunked_
-
     @torch.no_grad()
-    def _apply_masks(self, plan: list[tuple[Tensor, float | None]], scale: float) -> None:
-        """Mask every gradient in place, grouped so one draw serves many tensors."""
-        buckets: dict[tuple[torch.device, torch.dtype, float, str], list[Tensor]] = {}
-        unmasked: list[Tensor] = []
-        seen: set[int] = set()
-        for param, rate in plan:
+    def _mask_gradients(self, plan: list[Planned], scale: float) -> None:
+        """Mask every gradient whose parameter's target is the gradient, in place."""
+        entries: list[tuple[Planned, Located]] = []
+        for entry in plan:
+            param = entry.param
             grad = param.grad
-            # torch tolerates a parameter listed twice; its gradient is masked once.
-            if grad is None or id(param) in seen:
+            if grad is None:
                 continue
-            seen.add(id(param))
-            stream = ""
-            if grad.is_sparse:
-                if rate:
-                    # Mask logical elements: duplicate indices must be summed first.
-                    grad = grad.coalesce()
-                    param.grad = grad
+            if entry.target == "update" and self._needs_snapshot(entry, scale):
+                continue
+            if grad.is_sparse and entry.rate:
+                # Mask logical elements: duplicate indices must be summed first.
                 # Scaling uncoalesced values is exact, so rate 0 leaves .grad as it was.
-                grad = grad._values()
-            elif _is_dtensor(grad):
-                # FSDP2 / tensor parallel: each rank masks the part it holds, in
-                # place. Shards of one tensor are different elements, so they
-                # draw from a per-rank stream; replicated parts share the stream.
-                if any(placement.is_shard() for placement in grad.placements):
-                    stream = f"rank{grad.device_mesh.get_rank()}"
-                grad = grad.to_local()
-            if not rate:
-                unmasked.append(grad)
+                grad = grad.coalesce()
+                param.grad = grad
+            if grad.is_sparse and not entry.rate:
+                entries.append((entry, Located(grad._values())))
                 continue
-            buckets.setdefault((grad.device, grad.dtype, rate, stream), []).append(grad)
-        if scale != 1.0 and unmasked:
-            torch._foreach_mul_(unmasked, scale)
-        kernel = self._kernel()
-        for (device, _, rate, stream), grads in buckets.items():
-            kernel(grads, rate, self._generators.get(device, stream), scale)
+            entries.append((entry, locate(grad)))
+        mask_all(
+            entries, self.seed, self.step_count, self.distribution, scale, self._mask_impl
+        )
+
+    @staticmethod
+    def _needs_snapshot(entry: Planned, scale: float) -> bool:
+        """Whether an update-masked parameter needs its update masked or scaled."""
+        return bool(entry.rate) or scale != 1.0
+
+    def _is_state_initialization(self) -> bool:
+        """Whether this step only creates the wrapped optimizer's state.
+
+        ``torch.distributed.checkpoint.state_dict`` builds a fresh optimizer's
+        state by one ``step()`` with all-zero gradients and every learning rate
+        set to 0 (``_init_optim_state``). Such a step moves no parameter
+        whatever DropGrad does, so DropGrad passes it through unmasked and does
+        not count it: the mask sequence and the schedulers stay where a resumed
+        run expects them.
+        """
+        if self.optimizer.state:
+            return False
+        grads = []
+        for group in self.param_groups:
+            lr = group.get("lr")
+            if lr is None or float(lr) != 0.0:
+                return False
+            grads += [p.grad for p in group["params"] if p.grad is not None]
+        if not grads:
+            return False
+        for grad in grads:
+            local = grad._values() if grad.is_sparse else grad
+            if is_dtensor(local):
+                local = local.to_local()
+            if bool(local.any()):
+                return False
+        return True
 
     def _finish_step(self, skipped: bool) -> None:
         for scheduler in self._schedulers():
@@ -447,28 +522,30 @@ class DropGrad(Optimizer):
         self.skipped_count += int(skipped)
         self.last_step_skipped = skipped
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Mask the gradients and run the wrapped optimizer's step.
+    def _run_wrapped_step(self, closure: Callable[[], Any] | None) -> Any:
+        """Call the wrapped optimizer's ``step`` (with ``closure`` when one is given)."""
+        if closure is None:
+            return self.optimizer.step()
+        return self.optimizer.step(closure)
 
-        With a ``closure`` (e.g. LBFGS) the gradients are masked after every
-        evaluation, so the wrapped optimizer never sees an unmasked gradient.
-        When full update drop skips the step, the wrapped ``step()`` is not
-        called at all, but the closure is still evaluated once and its loss
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Mask the gradients (or the update) and run the wrapped optimizer's step.
+
+        With a ``closure`` (e.g. LBFGS) and ``target="gradient"``, the gradients
+        are masked after every evaluation, so the wrapped optimizer never sees
+        an unmasked gradient; with ``target="update"`` the final change is
+        masked. When full update drop skips the step, the wrapped ``step()`` is
+        not called at all, but the closure is still evaluated once and its loss
         returned. Schedulers advance once per call either way.
 
         Returns:
             The loss from ``closure``, or whatever the wrapped ``step()`` returns.
         """
+        if self._is_state_initialization():
+            return self._run_wrapped_step(closure)
         plan = self._plan()
         skip_probability = self._skip_probability()
-        skip = skip_probability >= 1.0 or (
-            skip_probability > 0.0
-            and bool(
-                torch.rand((), dtype=torch.float64, generator=self._generators.skip_generator())
-                < skip_probability
-            )
-        )
-        if skip:
+        if skip_decision(self.seed, self.step_count, skip_probability):
             loss = None
             if closure is not None:
                 with torch.enable_grad():
@@ -480,18 +557,25 @@ class DropGrad(Optimizer):
             return loss
 
         scale = 1.0 / (1.0 - skip_probability)
+        snapshots = UpdateSnapshots(
+            [e for e in plan if e.target == "update" and self._needs_snapshot(e, scale)]
+        )
         if closure is None:
-            self._apply_masks(plan, scale)
-            loss = self.optimizer.step()
+            self._mask_gradients(plan, scale)
+            loss = self._run_wrapped_step(None)
         else:
 
             def masked_closure() -> Any:
                 with torch.enable_grad():
                     value = closure()
-                self._apply_masks(plan, scale)
+                self._mask_gradients(plan, scale)
                 return value
 
-            loss = self.optimizer.step(masked_closure)
+            loss = self._run_wrapped_step(masked_closure)
+        if snapshots:
+            snapshots.mask_updates(
+                self.seed, self.step_count, self.distribution, scale, self._mask_impl
+            )
         self._finish_step(skipped=False)
         return loss
 

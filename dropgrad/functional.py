@@ -3,29 +3,49 @@
 :func:`drop_grad` is differentiable, for gradients built with
 ``torch.autograd.grad(..., create_graph=True)`` inside meta-learning inner loops,
 where Tseng et al. (2020) apply gradient dropout. :func:`drop_grad_` is the
-in-place sibling the optimizer uses. Given the same generator state both give
-bit-identical Bernoulli masks (and identical Gaussian noise for tensors of up to
-``2**20`` elements, the in-place chunk size).
+in-place sibling.
+
+Randomness comes in two forms:
+
+* **Keyed** (``seed=...``): the mask is a pure function of
+  ``(seed, step, index)`` and each element's position, exactly the mask that
+  :class:`~dropgrad.DropGrad` built with that ``seed`` applies to parameter
+  number ``index`` at its step ``step``. Nothing is drawn from any generator.
+* **From a generator** (``generator=...``, or neither argument: torch's default
+  generator for the tensor's device): 16-bit lanes drawn as 64-bit words, for
+  code that manages ``torch.Generator`` state itself.
+
+Given the same key, or the same generator state, both functions give
+bit-identical results (for Gaussian noise drawn from a generator, up to the
+``2**20``-element block size of the in-place form).
 """
 
 from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._masking import (
+    CHUNK_LANES,
     LANE_LEVELS,
-    bernoulli_chunked_,
-    draw_drop_mask,
-    gaussian_,
-    gaussian_noise,
+    MaskTarget,
+    bernoulli_keyed_,
+    gaussian_keyed_,
     quantize_rate,
 )
+from ._random import GAUSSIAN_DOMAIN, MASK_DOMAIN, StreamKey, resolve_seed, stream_key
 from ._rates import check_probability
 
 __all__ = ["DISTRIBUTIONS", "check_distribution", "drop_grad", "drop_grad_"]
 
 DISTRIBUTIONS = ("bernoulli", "gaussian")
+_COUNTER_LIMIT = 2**64
+_LANE_OFFSET = 1 << 15
+_LANES_PER_WORD = 4
 
 
 def check_distribution(distribution: object) -> str:
@@ -39,10 +59,92 @@ def check_distribution(distribution: object) -> str:
     return str(distribution)
 
 
-def _check_dtype(tensor: Tensor) -> None:
-    """Gradients are floating or complex; an integer tensor here is a caller's mistake."""
+def mask_key(seed: int, distribution: str, step: int, index: int) -> StreamKey:
+    """The stream key of parameter ``index`` at DropGrad step ``step``."""
+    domain = GAUSSIAN_DOMAIN if distribution == "gaussian" else MASK_DOMAIN
+    return stream_key(seed, domain, step, index)
+
+
+def _check_tensor(tensor: Any, function: str) -> Tensor:
+    """Gradients are floating or complex tensors; anything else is a caller's mistake."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(
+            f"{function}: tensor must be a torch.Tensor, got {type(tensor).__name__} {tensor!r}"
+        )
     if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
         raise TypeError(f"tensor must be floating point or complex, got dtype {tensor.dtype}")
+    return tensor
+
+
+def _check_counter(value: Any, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{argument} must be an int, got {type(value).__name__} {value!r}")
+    if not 0 <= int(value) < _COUNTER_LIMIT:
+        raise ValueError(f"{argument} must be in [0, 2**64), got {value!r}")
+    return int(value)
+
+
+def _key_of(
+    seed: int | None,
+    generator: torch.Generator | None,
+    step: int,
+    index: int,
+    distribution: str,
+) -> StreamKey | None:
+    """The stream key for the keyed form; ``None`` for the generator form."""
+    step = _check_counter(step, "step")
+    index = _check_counter(index, "index")
+    if seed is None:
+        if step or index:
+            raise ValueError(
+                f"step and index select a keyed mask and need a seed (got step={step}, "
+                f"index={index} and seed=None)"
+            )
+        return None
+    if generator is not None:
+        raise ValueError("pass seed (a keyed mask) or generator, not both")
+    return mask_key(resolve_seed(seed), distribution, step, index)
+
+
+def _generator_lanes(count: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """``count`` uniform 16-bit lanes (int16), from ``ceil(count / 4)`` 64-bit words."""
+    words = torch.empty(-(-count // _LANES_PER_WORD), dtype=torch.int64, device=device)
+    # from=-2**63 with no upper bound asks for the full 64-bit range: every lane uniform.
+    words.random_(-(2**63), None, generator=generator)
+    return words.view(torch.int16)[:count]
+
+
+def _generator_noise(
+    count: int,
+    rate: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Multiplicative noise from N(1, rate / (1 - rate)), drawn from ``generator``."""
+    noise_dtype = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+    noise = torch.empty(count, dtype=noise_dtype, device=device)
+    return noise.normal_(1.0, math.sqrt(rate / (1.0 - rate)), generator=generator)
+
+
+def _multiplier(
+    tensor: Tensor, rate: float, distribution: str, key: StreamKey | None, generator: Any
+) -> Tensor:
+    """For Bernoulli, the boolean drop mask; for Gaussian, the noise (``tensor``'s shape)."""
+    count, device = tensor.numel(), tensor.device
+    if key is None:
+        if distribution == "gaussian":
+            return _generator_noise(count, rate, tensor.dtype, device, generator).view(tensor.shape)
+        threshold, _ = quantize_rate(rate)
+        lanes = _generator_lanes(count, device, generator)
+        return (lanes < threshold - _LANE_OFFSET).view(tensor.shape)
+    noise_dtype = torch.float64 if tensor.dtype in (torch.float64, torch.complex128) else None
+    ones = torch.ones(count, dtype=noise_dtype or torch.float32, device=device)
+    if distribution == "gaussian":
+        gaussian_keyed_([MaskTarget(ones, key)], rate)
+        return ones.view(tensor.shape)
+    bernoulli_keyed_([MaskTarget(ones, key)], rate)
+    return (ones == 0).view(tensor.shape)
 
 
 def drop_grad(
@@ -51,6 +153,9 @@ def drop_grad(
     *,
     distribution: str = "bernoulli",
     generator: torch.Generator | None = None,
+    seed: int | None = None,
+    step: int = 0,
+    index: int = 0,
 ) -> Tensor:
     """Return a copy of ``tensor`` with DropGrad's mask applied; differentiable.
 
@@ -63,39 +168,53 @@ def drop_grad(
 
     Args:
         tensor: any floating or complex tensor, dense or sparse COO, any device.
-        drop_rate: probability in ``[0, 1]``; 0 returns a copy and draws no
+        drop_rate: probability in ``[0, 1]``; 0 returns a copy and computes no
             random numbers, 1 returns zeros.
         distribution: ``"bernoulli"`` or ``"gaussian"``.
-        generator: a ``torch.Generator`` on ``tensor``'s device; ``None`` uses
-            torch's default generator for that device.
+        generator: a ``torch.Generator`` on ``tensor``'s device; ``None`` (and
+            no ``seed``) uses torch's default generator for that device.
+        seed: an int in ``[0, 2**64)`` for a keyed mask: the mask
+            :class:`~dropgrad.DropGrad` with this seed gives parameter ``index``
+            at step ``step`` (element granularity). Default ``None``.
+        step: DropGrad step of the keyed mask, an int in ``[0, 2**64)``; default 0.
+        index: parameter index of the keyed mask, an int in ``[0, 2**64)``; default 0.
 
     Returns:
         A new tensor of the same shape, dtype and layout, connected to
         ``tensor`` in the autograd graph.
 
     Raises:
-        TypeError: ``drop_rate`` is not a real number, or ``tensor`` is not
-            floating point or complex.
-        ValueError: ``drop_rate`` is outside ``[0, 1]`` or NaN, or
-            ``distribution`` is unknown.
+        TypeError: ``tensor`` is not a floating or complex ``torch.Tensor``,
+            or ``drop_rate``, ``seed``, ``step`` or ``index`` is not a number
+            of the right kind.
+        ValueError: ``drop_rate`` is outside ``[0, 1]`` or NaN,
+            ``distribution`` is unknown, both ``seed`` and ``generator`` are
+            given, or ``step`` / ``index`` are given without ``seed``.
 
     Examples:
         >>> g = torch.ones(8)
-        >>> out = drop_grad(g, 0.5, generator=torch.Generator().manual_seed(0))
+        >>> out = drop_grad(g, 0.5, seed=0)
         >>> sorted(set(out.tolist())) in ([0.0, 2.0], [2.0], [0.0])
         True
+        >>> torch.equal(out, drop_grad(g, 0.5, seed=0))
+        True
     """
+    _check_tensor(tensor, "drop_grad")
     rate = check_probability(drop_rate, "drop_rate")
-    _check_dtype(tensor)
     check_distribution(distribution)
+    key = _key_of(seed, generator, step, index, distribution)
     if tensor.is_sparse:
         coalesced = tensor.coalesce()
-        values = drop_grad(coalesced.values(), rate, distribution=distribution, generator=generator)
+        values = coalesced.values()
+        if key is None:
+            masked = drop_grad(values, rate, distribution=distribution, generator=generator)
+        else:
+            masked = _keyed_sparse_values(coalesced, rate, distribution, key)
         # The indices come from a coalesced tensor, so they need no invariant check;
         # saying so also keeps torch from warning that checks are implicitly off.
         return torch.sparse_coo_tensor(
             coalesced.indices(),
-            values,
+            masked,
             coalesced.shape,
             is_coalesced=True,
             check_invariants=False,
@@ -103,22 +222,52 @@ def drop_grad(
     # The trivial cases stay outside no_grad so that their results, too, are
     # connected to ``tensor`` in the autograd graph; masked_fill rather than a
     # multiplication by zero keeps inf and NaN elements from surviving rate 1.
-    if distribution == "gaussian":
-        if rate == 0.0:
-            return tensor.clone()
-        if rate == 1.0:
-            return tensor.masked_fill(torch.ones_like(tensor, dtype=torch.bool), 0)
-        with torch.no_grad():
-            noise = gaussian_noise(tensor.shape, rate, tensor.dtype, tensor.device, generator)
-        return (tensor * noise).to(tensor.dtype)
     threshold, keep_scale = quantize_rate(rate)
-    if threshold == 0:
+    if threshold == 0 or (distribution == "gaussian" and rate == 0.0):
         return tensor.clone()
-    if threshold == LANE_LEVELS:
+    if rate == 1.0:
         return tensor.masked_fill(torch.ones_like(tensor, dtype=torch.bool), 0)
     with torch.no_grad():
-        drop = draw_drop_mask(tensor.shape, threshold, tensor.device, generator)
-    return tensor.masked_fill(drop, 0).mul(keep_scale)
+        multiplier = _multiplier(tensor, rate, distribution, key, generator)
+    if distribution == "gaussian":
+        return (tensor * multiplier).to(tensor.dtype)
+    return tensor.masked_fill(multiplier, 0).mul(keep_scale)
+
+
+def _keyed_sparse_values(
+    coalesced: Tensor, rate: float, distribution: str, key: StreamKey
+) -> Tensor:
+    """Mask a coalesced sparse tensor's values by their elements' dense positions."""
+    index = sparse_value_index(coalesced)
+    values = coalesced.values()
+    with torch.no_grad():
+        multiplier = torch.ones(values.shape, dtype=torch.float64, device=values.device)
+        kernel = gaussian_keyed_ if distribution == "gaussian" else bernoulli_keyed_
+        kernel([MaskTarget(multiplier, key, index=index)], rate)
+    if distribution == "gaussian":
+        return (values * multiplier).to(values.dtype)
+    if rate == 1.0:
+        return values.masked_fill(torch.ones_like(values, dtype=torch.bool), 0)
+    _, keep_scale = quantize_rate(rate)
+    return values.masked_fill(multiplier == 0, 0).mul(keep_scale)
+
+
+def sparse_value_index(coalesced: Tensor) -> Tensor:
+    """Dense flat index of every element of a coalesced COO tensor's values (int64).
+
+    The values have shape ``(nnz, *dense_dims)``; element ``(n, j...)`` sits at
+    dense position ``(indices[:, n], j...)`` of the whole tensor.
+    """
+    indices = coalesced.indices()
+    shape = coalesced.shape
+    sparse_dims = indices.shape[0]
+    dense_shape = shape[sparse_dims:]
+    dense_size = math.prod(dense_shape)
+    flat = torch.zeros(indices.shape[1], dtype=torch.int64, device=indices.device)
+    for dim in range(sparse_dims):
+        flat = flat * shape[dim] + indices[dim]
+    inner = torch.arange(dense_size, dtype=torch.int64, device=indices.device)
+    return (flat.unsqueeze(1) * dense_size + inner).view(-1, *dense_shape)
 
 
 def drop_grad_(
@@ -127,25 +276,56 @@ def drop_grad_(
     *,
     distribution: str = "bernoulli",
     generator: torch.Generator | None = None,
+    seed: int | None = None,
+    step: int = 0,
+    index: int = 0,
 ) -> Tensor:
     """In-place :func:`drop_grad` on a dense tensor; returns ``tensor``.
 
-    Memory stays bounded: masks are drawn in blocks of at most ``2**20`` elements.
+    Takes the same arguments as :func:`drop_grad`. Memory stays bounded: masks
+    are computed in blocks of at most ``2**20`` elements.
 
     Raises:
-        TypeError: ``drop_rate`` is not a real number, or ``tensor`` is sparse
-            (coalesce it and mask ``tensor.values()`` instead).
+        TypeError: as for :func:`drop_grad`, or ``tensor`` is sparse (coalesce
+            it and mask ``tensor.values()`` instead).
         ValueError: as for :func:`drop_grad`.
     """
+    _check_tensor(tensor, "drop_grad_")
     rate = check_probability(drop_rate, "drop_rate")
-    _check_dtype(tensor)
     check_distribution(distribution)
+    key = _key_of(seed, generator, step, index, distribution)
     if tensor.is_sparse:
         raise TypeError(
             "drop_grad_ needs a dense tensor; for a sparse COO tensor coalesce it "
             "and pass tensor.values(), or use drop_grad"
         )
-    kernel = gaussian_ if distribution == "gaussian" else bernoulli_chunked_
     with torch.no_grad():
-        kernel([tensor], rate, generator)
+        if key is not None:
+            kernel = gaussian_keyed_ if distribution == "gaussian" else bernoulli_keyed_
+            kernel([MaskTarget(tensor, key)], rate)
+        else:
+            _generator_mask_(tensor, rate, distribution, generator)
     return tensor
+
+
+def _generator_mask_(
+    tensor: Tensor, rate: float, distribution: str, generator: torch.Generator | None
+) -> None:
+    """The generator form in place, in blocks of ``CHUNK_LANES`` elements drawn in order."""
+    threshold, keep_scale = quantize_rate(rate)
+    if threshold == 0 or (distribution == "gaussian" and rate == 0.0):
+        return
+    if threshold == LANE_LEVELS:
+        tensor.zero_()
+        return
+    dense = tensor if tensor.is_contiguous() else tensor.contiguous()
+    flat = dense.view(-1)
+    for start in range(0, flat.numel(), CHUNK_LANES):
+        block = flat[start : start + CHUNK_LANES]
+        multiplier = _multiplier(block, rate, distribution, None, generator)
+        if distribution == "gaussian":
+            block.mul_(multiplier)
+        else:
+            block.masked_fill_(multiplier, 0).mul_(keep_scale)
+    if dense is not tensor:
+        tensor.copy_(dense)
