@@ -36,7 +36,6 @@ from ._masking import (
     bernoulli_reference_,
     gaussian_keyed_,
     gaussian_reference_,
-    row_multipliers,
 )
 from .functional import mask_key, sparse_value_index
 

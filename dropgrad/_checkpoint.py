@@ -235,7 +235,8 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
     for i, saved_group in enumerate(saved_groups):
         for entry, choices in (("target", TARGETS), ("granularity", GRANULARITIES)):
             if entry in saved_group:
-                check_choice(saved_group[entry], f"state_dict param_groups[{i}][{entry!r}]", choices)
+                where = f"state_dict param_groups[{i}][{entry!r}]"
+                check_choice(saved_group[entry], where, choices)
     # Trial loads into copies (a shallow copy suffices: loading replaces attributes,
     # it does not mutate them), so a malformed scheduler state fails before the
     # wrapped optimizer is changed.

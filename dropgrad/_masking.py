@@ -40,7 +40,7 @@ stream, computed on a vector of ones and broadcast over each row.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +58,6 @@ __all__ = [
     "gaussian_reference_",
     "iter_blocks",
     "quantize_rate",
-    "row_multipliers",
 ]
 
 LANE_LEVELS = 1 << 16
@@ -530,30 +529,3 @@ def gaussian_keyed_(
             cursor += count
     for original, copy in write_back:
         original.copy_(copy)
-
-
-# ---------------------------------------------------------------- row and tensor decisions
-
-
-def row_multipliers(
-    key: StreamKey,
-    first_row: int,
-    rows: int,
-    rate: float,
-    distribution: str,
-    dtype: torch.dtype,
-    device: torch.device,
-    kernel: Callable[[Sequence[MaskTarget], float], None] | None = None,
-) -> Tensor:
-    """The multiplier of each of ``rows`` rows starting at global row ``first_row``.
-
-    Row ``r`` uses the decision of element ``r`` of the stream, so row and
-    tensor granularity share the element kernels (and their reference paths).
-    Returns a tensor of ``rows`` multipliers in the noise dtype for ``dtype``:
-    0 or ``1 / keep`` for Bernoulli, noise for Gaussian.
-    """
-    ones = torch.ones(rows, dtype=_noise_dtype(dtype), device=device)
-    if kernel is None:
-        kernel = gaussian_keyed_ if distribution == "gaussian" else bernoulli_keyed_
-    kernel([MaskTarget(ones, key, first_row)], rate)
-    return ones

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _checkpoint
+from ._apply import Located, Planned, UpdateSnapshots, is_dtensor, locate, mask_all
 from ._random import resolve_seed, skip_decision
 from ._rates import (
     GRANULARITIES,
@@ -22,7 +23,6 @@ from ._rates import (
     named_parameters_of,
 )
 from .dropgrad_scheduler import DropRateScheduler
-from ._apply import Located, Planned, UpdateSnapshots, is_dtensor, locate, mask_all
 from .functional import check_distribution
 
 __all__ = ["DropGrad", "Rate"]
@@ -478,9 +478,7 @@ class DropGrad(Optimizer):
                 entries.append((entry, Located(grad._values())))
                 continue
             entries.append((entry, locate(grad)))
-        mask_all(
-            entries, self.seed, self.step_count, self.distribution, scale, self._mask_impl
-        )
+        mask_all(entries, self.seed, self.step_count, self.distribution, scale, self._mask_impl)
 
     @staticmethod
     def _needs_snapshot(entry: Planned, scale: float) -> bool:
