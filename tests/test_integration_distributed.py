@@ -8,6 +8,7 @@ random decision that is not shared makes the replicas drift apart.
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import socket
 import time
@@ -74,8 +75,8 @@ def _train(rank: int, make_optimizer: Any) -> dict[str, Any]:
         "skipped": skipped,
         "masked_grads": masked_grads,
         # ZeroRedundancyOptimizer.state_dict() needs a consolidation first (see _zero),
-        # so the seed is read from the generators directly.
-        "seed": opt._generators.seed,
+        # so the seed is read from the attribute.
+        "seed": opt.seed,
         "step_count": opt.step_count,
         "drop_rate": opt.drop_rate,
         "checkpoint": _checkpoint(opt, rank),
@@ -89,7 +90,7 @@ def _checkpoint(opt: DropGrad, rank: int) -> dict[str, Any] | None:
         opt.optimizer.consolidate_state_dict(to=0)
         if rank != 0:
             return None
-    return opt.state_dict()["dropgrad"]
+    return opt.state_dict()["param_groups"][0]["dropgrad"]
 
 
 def _ddp_shared_seed(rank: int) -> dict[str, Any]:
@@ -121,33 +122,102 @@ def _zero(rank: int) -> dict[str, Any]:
     return _train(rank, make)
 
 
+FSDP_STEPS = 6
+FSDP_RESUME_AT = 3
+
+
+def _fsdp_model() -> nn.Module:
+    torch.manual_seed(TORCH_SEED)
+    # The last layer's dim 0 (5) does not divide by the world size, so its shards
+    # differ in size; the first layer's 16 rows split evenly.
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def _fsdp_optimizer(model: nn.Module) -> DropGrad:
+    return DropGrad(
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        drop_rate_scheduler=LinearDropRateScheduler(0.2, 0.6, num_steps=FSDP_STEPS),
+        full_update_drop=SKIP_PROBABILITY,
+        seed=1234,
+    )
+
+
+def _fsdp_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # The same batch on every rank: FSDP averages the ranks' gradients, and
+    # (g + g) / 2 == g exactly, so the sharded run's gradients equal those of
+    # one process on this batch bit for bit; only the masks could differ.
+    generator = torch.Generator().manual_seed(TORCH_SEED + step)
+    return torch.randn(16, 8, generator=generator), torch.randn(16, 5, generator=generator)
+
+
+def _fsdp_train(model: nn.Module, opt: DropGrad, steps: range) -> list[bool]:
+    skipped = []
+    for step in steps:
+        inputs, targets = _fsdp_batch(step)
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        opt.step()
+        skipped.append(opt.last_step_skipped)
+        opt.zero_grad()
+    return skipped
+
+
 def _fsdp2(rank: int) -> dict[str, Any]:
-    """FSDP2: each rank masks only its own shard, from a stream of its own."""
+    """FSDP2 with uneven shards against one process, and a DCP state-dict round trip."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
     from torch.distributed.fsdp import fully_shard
 
-    torch.manual_seed(TORCH_SEED)
-    # The last layer's dim 0 (5) does not divide by the world size: its shards
-    # differ in size, so ranks consume different amounts of mask randomness.
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5))
-    fully_shard(model)
-    opt = DropGrad(
-        torch.optim.SGD(model.parameters(), lr=0.05),
-        drop_rate=DROP_RATE,
-        full_update_drop=SKIP_PROBABILITY,
-    )
-    torch.manual_seed(TORCH_SEED + rank)
-    skipped: list[bool] = []
-    local_masked: list[torch.Tensor] = []
     try:
-        for _ in range(24):
-            nn.functional.mse_loss(model(torch.randn(16, 8)), torch.randn(16, 5)).backward()
-            opt.step()
-            skipped.append(opt.last_step_skipped)
-            local_masked.append(model[0].weight.grad.to_local().clone())
-            opt.zero_grad()
+        # One process, no sharding: the run the sharded one must reproduce.
+        single = _fsdp_model()
+        single_skipped = _fsdp_train(single, _fsdp_optimizer(single), range(FSDP_STEPS))
+
+        model = _fsdp_model()
+        fully_shard(model)
+        opt = _fsdp_optimizer(model)
+        skipped = _fsdp_train(model, opt, range(FSDP_RESUME_AT))
+        # Round trip through torch.distributed.checkpoint's state-dict API into a
+        # fresh model and optimizer, as a resumed job would.
+        # Copies, as a save to disk would make: the state dicts share storage with
+        # the live model and optimizer, which keep training below.
+        model_state = copy.deepcopy(get_model_state_dict(model))
+        optim_state = copy.deepcopy(get_optimizer_state_dict(model, opt))
+        resumed_model = _fsdp_model()
+        fully_shard(resumed_model)
+        resumed_opt = DropGrad(
+            torch.optim.Adam(resumed_model.parameters(), lr=1e-2),
+            drop_rate_scheduler=LinearDropRateScheduler(0.2, 0.6, num_steps=FSDP_STEPS),
+            full_update_drop=SKIP_PROBABILITY,
+            seed=99,  # replaced by the checkpoint's
+        )
+        set_model_state_dict(resumed_model, model_state)
+        set_optimizer_state_dict(resumed_model, resumed_opt, optim_state)
+        restored = {
+            "step_count": resumed_opt.step_count,
+            "seed": resumed_opt.seed,
+            "scheduler_steps": resumed_opt.drop_rate_scheduler.step_count,
+        }
+        rest = range(FSDP_RESUME_AT, FSDP_STEPS)
+        skipped += _fsdp_train(model, opt, rest)
+        resumed_skipped = _fsdp_train(resumed_model, resumed_opt, rest)
+        full = [p.full_tensor().clone() for p in model.parameters()]
+        resumed_full = [p.full_tensor().clone() for p in resumed_model.parameters()]
     except Exception as error:  # both ranks fail at the same point, before any collective
-        return {"error": f"{type(error).__name__}: {error}"}
-    return {"error": None, "skipped": skipped, "local_masked": local_masked}
+        return {"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}
+    return {
+        "error": None,
+        "skipped": skipped,
+        "single_skipped": single_skipped,
+        "resumed_skipped": resumed_skipped,
+        "params": full,
+        "single_params": [p.detach().clone() for p in single.parameters()],
+        "resumed_params": resumed_full,
+        "restored": restored,
+    }
 
 
 SCENARIOS = {
@@ -257,15 +327,26 @@ def test_zero_checkpoint_after_consolidation(rank_results: list[dict[str, Any]])
     assert rank_results[1]["zero"]["checkpoint"] is None
 
 
-def test_fsdp2_ranks_mask_their_own_shards(rank_results: list[dict[str, Any]]) -> None:
-    first, second = (r["fsdp2"] for r in rank_results)
-    assert first["error"] is None, first["error"]
-    assert first["skipped"] == second["skipped"]
-    assert 0 < sum(first["skipped"]) < len(first["skipped"])
-    ran = [i for i, was_skipped in enumerate(first["skipped"]) if not was_skipped]
-    for index in ran:
-        shard_0, shard_1 = first["local_masked"][index], second["local_masked"][index]
-        # Different shards, different gradients...
-        assert not torch.equal(shard_0, shard_1)
-        # ...masked independently: each rank draws from its own stream.
-        assert not torch.equal(shard_0 == 0, shard_1 == 0)
+def test_fsdp2_is_bit_identical_to_one_process(rank_results: list[dict[str, Any]]) -> None:
+    for result in (r["fsdp2"] for r in rank_results):
+        assert result["error"] is None, result["error"]
+        assert result["skipped"] == result["single_skipped"]
+        assert 0 < sum(result["skipped"]) < FSDP_STEPS
+        for sharded, single in zip(result["params"], result["single_params"]):
+            assert torch.equal(sharded, single)
+
+
+def test_fsdp2_distributed_checkpoint_round_trip_resumes_exactly(
+    rank_results: list[dict[str, Any]],
+) -> None:
+    for result in (r["fsdp2"] for r in rank_results):
+        assert result["error"] is None, result["error"]
+        # set_optimizer_state_dict's zero-gradient state-creation step was not counted.
+        assert result["restored"] == {
+            "step_count": FSDP_RESUME_AT,
+            "seed": 1234,
+            "scheduler_steps": FSDP_RESUME_AT,
+        }
+        assert result["resumed_skipped"] == result["skipped"][FSDP_RESUME_AT:]
+        for resumed, uninterrupted in zip(result["resumed_params"], result["params"]):
+            assert torch.equal(resumed, uninterrupted)
