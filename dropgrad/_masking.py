@@ -6,7 +6,9 @@ stream key and ``i``, the element's index in the whole (unsharded, flattened)
 parameter. Nothing here keeps state between calls.
 
 **Bernoulli.** Element ``i`` reads the 16-bit lane ``i % 2`` of word ``i // 2``
-and is dropped when the lane falls below ``t = round(p * 65536)`` (at most
+(the low half for even ``i``), takes its value ``v`` as a signed 16-bit integer
+plus 32768 (the unsigned bits with the top bit flipped, a uniform value in
+``[0, 65536)``) and is dropped when ``v < t = round(p * 65536)`` (at most
 65535 for ``p < 1``). The realized drop probability is exactly ``t / 65536``
 (within ``2**-17`` of ``p``; ``2**-16`` just below 1) and survivors are scaled
 by ``65536 / (65536 - t)``, the inverse of the keep probability actually
@@ -148,9 +150,14 @@ def _global_index(target: MaskTarget) -> Tensor:
 
 
 def lanes_reference(key: StreamKey, index: Tensor) -> Tensor:
-    """The 16-bit lane of each global element ``index`` (int64 values in ``[0, 65536)``)."""
+    """The lane value of each global element ``index`` (int64 values in ``[0, 65536)``).
+
+    The value is the element's 16 bits read as a signed integer plus 32768,
+    which is how the fast path compares them (as ``int16``); it equals the
+    unsigned bits with the top bit flipped.
+    """
     words = words_reference(key, index >> 1)
-    return (words >> ((index & 1) * 16)) & 0xFFFF
+    return ((words >> ((index & 1) * 16)) & 0xFFFF) ^ _LANE_OFFSET
 
 
 def bernoulli_reference_(targets: Sequence[MaskTarget], rate: float, scale: float = 1.0) -> None:
