@@ -206,6 +206,27 @@ def _fsdp2(rank: int) -> dict[str, Any]:
         resumed_skipped = _fsdp_train(resumed_model, resumed_opt, rest)
         full = [p.full_tensor().clone() for p in model.parameters()]
         resumed_full = [p.full_tensor().clone() for p in resumed_model.parameters()]
+        # Update masking by rows on the shards: each rank masks its rows of the
+        # parameter's change with the rows' global decisions.
+        update_runs = []
+        for shard in (False, True):
+            update_model = _fsdp_model()
+            if shard:
+                fully_shard(update_model)
+            update_opt = DropGrad(
+                torch.optim.AdamW(update_model.parameters(), lr=1e-2),
+                drop_rate=0.5,
+                target="update",
+                granularity="row",
+                seed=77,
+            )
+            _fsdp_train(update_model, update_opt, range(FSDP_STEPS))
+            update_runs.append(
+                [
+                    (p.full_tensor() if shard else p.detach()).clone()
+                    for p in update_model.parameters()
+                ]
+            )
     except Exception as error:  # both ranks fail at the same point, before any collective
         return {"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}
     return {
@@ -217,6 +238,8 @@ def _fsdp2(rank: int) -> dict[str, Any]:
         "single_params": [p.detach().clone() for p in single.parameters()],
         "resumed_params": resumed_full,
         "restored": restored,
+        "update_single": update_runs[0],
+        "update_sharded": update_runs[1],
     }
 
 
@@ -350,3 +373,12 @@ def test_fsdp2_distributed_checkpoint_round_trip_resumes_exactly(
         assert result["resumed_skipped"] == result["skipped"][FSDP_RESUME_AT:]
         for resumed, uninterrupted in zip(result["resumed_params"], result["params"]):
             assert torch.equal(resumed, uninterrupted)
+
+
+def test_fsdp2_update_masking_by_rows_is_bit_identical_to_one_process(
+    rank_results: list[dict[str, Any]],
+) -> None:
+    for result in (r["fsdp2"] for r in rank_results):
+        assert result["error"] is None, result["error"]
+        for sharded, single in zip(result["update_sharded"], result["update_single"]):
+            assert torch.equal(sharded, single)
