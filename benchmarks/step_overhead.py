@@ -4,7 +4,9 @@ Three contenders take turns, step by step, in one process, so that whatever
 else the machine is doing slows them alike:
 
 * ``bare``: the optimizer alone;
-* ``dropgrad``: ``DropGrad`` around it;
+* ``dropgrad``: ``DropGrad`` around it (the gradient is masked);
+* ``update``: ``DropGrad(..., target="update")``, which masks the change the
+  optimizer makes and copies the parameters first;
 * ``published``: the formulation first published for DropGrad,
   ``grad.mul_(torch.bernoulli(torch.full_like(grad, 1 - p))).div_(1 - p)``,
   as a small wrapper defined below.
@@ -20,6 +22,7 @@ Usage::
     python benchmarks/step_overhead.py            # full run, a few minutes
     python benchmarks/step_overhead.py --quick    # tiny sizes, for CI
     python benchmarks/step_overhead.py --out DIR  # where results are written
+    python benchmarks/step_overhead.py --device cuda  # AdamW fused and foreach on a GPU
 
 Results go to ``DIR/step_overhead.json``, ``.md`` and ``.png``.
 """
@@ -44,11 +47,24 @@ import torch
 from dropgrad import DropGrad
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-CONTENDERS = ("bare", "dropgrad", "published")
-OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
+CONTENDERS = ("bare", "dropgrad", "update", "published")
+LABELS = {"dropgrad": "DropGrad", "update": "DropGrad update", "published": "published"}
+OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+CPU_OPTIMIZERS: dict[str, OptimizerFactory] = {
     "Adam": lambda params: torch.optim.Adam(params, lr=1e-3),
     "SGD": lambda params: torch.optim.SGD(params, lr=1e-3),
 }
+# On a GPU the baseline that matters is the fastest AdamW: fused, then foreach.
+CUDA_OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "AdamW fused": lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True),
+    "AdamW foreach": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True),
+}
+
+
+def optimizers_for(device: torch.device) -> dict[str, OptimizerFactory]:
+    return CUDA_OPTIMIZERS if device.type == "cuda" else CPU_OPTIMIZERS
+
+
 # (total parameter elements, number of tensors they are split into)
 FULL_CASES = [(10_000_000, 10), (10_000_000, 200), (1_000_000, 1000)]
 # Small enough that no op reaches torch's parallel grain (32768 elements).
@@ -114,9 +130,13 @@ def make_parameters(
 def build_contender(
     name: str, optimizer_name: str, params: list[torch.nn.Parameter], drop_rate: float
 ) -> Any:
-    optimizer = OPTIMIZERS[optimizer_name](params)
+    device = params[0].device
+    factories = {**optimizers_for(device), "SGD": CPU_OPTIMIZERS["SGD"]}
+    optimizer = factories[optimizer_name](params)
     if name == "dropgrad":
         return DropGrad(optimizer, drop_rate=drop_rate, seed=0)
+    if name == "update":
+        return DropGrad(optimizer, drop_rate=drop_rate, seed=0, target="update")
     if name == "published":
         return PublishedDropGrad(optimizer, drop_rate)
     return optimizer
@@ -249,28 +269,30 @@ def measure_peak_memory(numel: int, device: torch.device) -> dict[str, Any]:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    lines = [
-        "| optimizer | params/tensors | bare (ms) | DropGrad (ms) | published (ms) "
-        "| DropGrad / bare | published / bare |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
+    wrapped = [name for name in CONTENDERS if name != "bare"]
+    header = ["optimizer", "params/tensors", "bare (ms)"]
+    header += [f"{LABELS[name]} (ms)" for name in wrapped]
+    header += [f"{LABELS[name]} / bare" for name in wrapped]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     for row in results:
         ms, ratio = row["median_ms"], row["ratio_to_bare"]
-        lines.append(
-            f"| {row['optimizer']} | {row['case']} | {ms['bare']:.2f} | {ms['dropgrad']:.2f} "
-            f"| {ms['published']:.2f} | {ratio['dropgrad']:.2f} | {ratio['published']:.2f} |"
-        )
+        cells = [row["optimizer"], row["case"], f"{ms['bare']:.2f}"]
+        cells += [f"{ms[name]:.2f}" for name in wrapped]
+        cells += [f"{ratio[name]:.2f}" for name in wrapped]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def memory_lines(memory: dict[str, Any]) -> str:
     rise, extra = memory["step_peak_rise_mib"], memory["extra_over_bare_mib"]
+    rises = ", ".join(f"{LABELS.get(name, name)} {rise[name]:.1f} MiB" for name in CONTENDERS)
+    extras = ", ".join(
+        f"{LABELS[name]} {extra[name]:.1f} MiB" for name in CONTENDERS if name != "bare"
+    )
     return (
         f"Peak memory of one SGD step on one {format_count(memory['numel'])}-element float32 "
-        f"parameter ({memory['method']}): rise during the step: bare {rise['bare']:.1f} MiB, "
-        f"DropGrad {rise['dropgrad']:.1f} MiB, published {rise['published']:.1f} MiB; "
-        f"extra over bare: DropGrad {extra['dropgrad']:.1f} MiB, "
-        f"published {extra['published']:.1f} MiB."
+        f"parameter ({memory['method']}): rise during the step: {rises}; "
+        f"extra over bare: {extras}."
     )
 
 
@@ -290,14 +312,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     labels = [f"{row['optimizer']}\n{row['case']}" for row in results]
     positions = range(len(results))
-    width = 0.38
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.4 * len(results)), 4.0))
-    for offset, name, label in (
-        (-width / 2, "dropgrad", "DropGrad"),
-        (width / 2, "published", "published"),
-    ):
+    wrapped = [name for name in CONTENDERS if name != "bare"]
+    width = 0.8 / len(wrapped)
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.6 * len(results)), 4.0))
+    for number, name in enumerate(wrapped):
+        offset = (number - (len(wrapped) - 1) / 2) * width
         values = [row["ratio_to_bare"][name] for row in results]
-        bars = axes.bar([p + offset for p in positions], values, width, label=label)
+        bars = axes.bar([p + offset for p in positions], values, width, label=LABELS[name])
         axes.bar_label(bars, fmt="%.2f", fontsize=8)
     axes.axhline(1.0, color="black", linewidth=0.8)
     axes.set_xticks(list(positions), labels)
@@ -340,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for total, tensors in cases:
-        for optimizer_name in OPTIMIZERS:
+        for optimizer_name in optimizers_for(device):
             results.append(
                 time_case(
                     total,

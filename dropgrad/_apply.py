@@ -37,7 +37,8 @@ from ._masking import (
     gaussian_keyed_,
     gaussian_reference_,
 )
-from .functional import mask_key, sparse_value_index
+from ._random import GAUSSIAN_DOMAIN, MASK_DOMAIN, stream_keys
+from .functional import sparse_value_index
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -210,16 +211,17 @@ def mask_all(
     bernoulli = distribution == "bernoulli"
     buckets: dict[tuple[torch.device, torch.dtype, float], list[MaskTarget]] = {}
     unmasked: list[Tensor] = []
+    masked = [(plan, located) for plan, located in entries if plan.rate]
+    domain = GAUSSIAN_DOMAIN if distribution == "gaussian" else MASK_DOMAIN
+    keys = stream_keys(seed, domain, step, [plan.index for plan, _ in masked])
     for plan, located in entries:
+        if not plan.rate and scale != 1.0:
+            unmasked.append(located.values)
+    for (plan, located), key in zip(masked, keys):
         values = located.values
-        if not plan.rate:
-            if scale != 1.0:
-                unmasked.append(values)
-            continue
-        key = mask_key(seed, distribution, step, plan.index)
         if plan.granularity == "element" or (plan.granularity == "row" and values.dim() <= 1):
             target = MaskTarget(values, key, located.start, located.index)
-            buckets.setdefault((values.device, values.dtype, plan.rate), []).append(target)
+            buckets.setdefault((values.device, values.dtype, float(plan.rate)), []).append(target)
             continue
         if values.numel() == 0:
             continue

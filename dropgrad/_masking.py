@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -75,7 +76,7 @@ CHUNK_LANES = 1 << 20
 # blocks no larger than this so masking them never wakes the thread pool, whose
 # wake-up can cost more than the work when the cores are shared; larger tensors
 # are masked in place, where the thread pool pays off.
-_SERIAL_LANES = 1 << 15
+_SERIAL_LANES = 1 << 17
 # On CPU, larger tensors are masked in blocks of at most 2**18 elements: a
 # block's gradient slice, words and scratch (3 MiB in float32) stay in cache
 # between the passes over them.
@@ -218,23 +219,23 @@ def gaussian_reference_(targets: Sequence[MaskTarget], rate: float, scale: float
 # ---------------------------------------------------------------- the block iterator
 
 
-@dataclass
-class Segment:
+class Segment(NamedTuple):
     """Consecutive elements of one target inside a block.
 
     Attributes:
         flat: a contiguous 1-D view of the elements (masked in place).
         key: the target's stream key.
         start: global index of ``flat[0]``.
+        size: number of elements.
     """
 
     flat: Tensor
     key: StreamKey
     start: int
+    size: int
 
 
-@dataclass
-class Block:
+class Block(NamedTuple):
     """Segments processed together: ``packed`` blocks are copied into one buffer."""
 
     segments: list[Segment]
@@ -257,6 +258,8 @@ def iter_blocks(
     """
     pack: list[Segment] = []
     pack_total = 0
+    # Runs once per tensor per step, so it avoids every avoidable call.
+    make = Segment._make
     for tensor, key, start in tensors:
         size = tensor.numel()
         if size == 0:
@@ -265,16 +268,17 @@ def iter_blocks(
         flat = tensor if tensor.dim() == 1 else tensor.view(-1)
         if size <= pack_lanes:
             if pack_total + size > pack_lanes:
-                yield Block(pack, packed=len(pack) > 1)
+                yield Block(pack, len(pack) > 1)
                 pack, pack_total = [], 0
-            pack.append(Segment(flat, key, start))
+            pack.append(make((flat, key, start, size)))
             pack_total += size
             continue
         for offset in range(0, size, block_lanes):
             count = min(block_lanes, size - offset)
-            yield Block([Segment(flat[offset : offset + count], key, start + offset)], False)
+            piece = flat[offset : offset + count]
+            yield Block([Segment(piece, key, start + offset, count)], False)
     if pack:
-        yield Block(pack, packed=len(pack) > 1)
+        yield Block(pack, len(pack) > 1)
 
 
 class _WordBuffers:
@@ -285,35 +289,38 @@ class _WordBuffers:
         self.words = torch.empty(capacity, dtype=torch.int32, device=device)
         self.scratch = torch.empty(capacity, dtype=torch.int32, device=device)
 
-    def hashed(self, runs: Sequence[tuple[StreamKey, int, int]]) -> Tensor:
-        """Hashed words of consecutive ``(key, first_word, count)`` runs, concatenated.
+    def hashed(
+        self, keys: Sequence[StreamKey], firsts: Sequence[int], counts: Sequence[int]
+    ) -> Tensor:
+        """Hashed words of consecutive runs, concatenated: run ``j`` holds words
+        ``firsts[j] .. firsts[j] + counts[j] - 1`` of stream ``keys[j]``.
 
         The hash input of position ``q`` in run ``j`` (which starts at ``c_j`` in
         the buffer) is ``b_j + a_j * (first_j + q - c_j)``, that is
         ``a_j * q + (b_j + a_j * (first_j - c_j))``: one multiply and one add
         over the whole buffer, with the per-run constants repeated.
         """
-        total = sum(count for _, _, count in runs)
+        total = sum(counts)
         words = self.words[:total]
         iota = self.iota[:total]
-        if len(runs) == 1:
-            key, first, _ = runs[0]
+        if len(keys) == 1:
+            key = keys[0]
             torch.mul(iota, key.multiplier, out=words)
-            words.add_(key.start(first))
-        else:
-            multipliers, offsets, counts = [], [], []
-            cursor = 0
-            for key, first, count in runs:
-                multipliers.append(key.multiplier)
-                offsets.append(key.start(first - cursor))
-                counts.append(count)
-                cursor += count
-            device = words.device
-            repeats = torch.tensor(counts, device=device)
-            scale = torch.tensor(multipliers, dtype=torch.int32, device=device)
-            shift = torch.tensor(offsets, dtype=torch.int32, device=device)
-            torch.mul(iota, scale.repeat_interleave(repeats, output_size=total), out=words)
-            words.add_(shift.repeat_interleave(repeats, output_size=total))
+            words.add_(key.start(firsts[0]))
+            return hash_words_(words, self.scratch[:total])
+        device = words.device
+        repeats = torch.tensor(counts, device=device)
+        # The run constants, computed for all runs at once in int64: products of
+        # two values below 2**32 wrap past 2**63, but their low 32 bits, all
+        # that is kept, are exact.
+        constants = torch.tensor(keys, dtype=torch.int64, device=device)
+        cursor = repeats.cumsum(0) - repeats
+        shift = torch.tensor(firsts, dtype=torch.int64, device=device).sub_(cursor)
+        shift.bitwise_and_(_MASK32).mul_(constants[:, 0]).add_(constants[:, 1])
+        # int64 to int32 keeps the low 32 bits: the value modulo 2**32.
+        scale = constants[:, 0].to(torch.int32).repeat_interleave(repeats, output_size=total)
+        torch.mul(iota, scale, out=words)
+        words.add_(shift.to(torch.int32).repeat_interleave(repeats, output_size=total))
         return hash_words_(words, self.scratch[:total])
 
 
@@ -428,17 +435,17 @@ def bernoulli_keyed_(
     def keep_mask(block: Block) -> tuple[Tensor, list[int]]:
         """All-ones int16 lanes where an element is kept, zero where dropped; and
         the lane position of each segment's first element."""
-        runs = []
-        positions = []
+        keys, firsts, counts, positions = [], [], [], []
         cursor = 0
-        for segment in block.segments:
-            first_word = segment.start >> 1
-            last_word = (segment.start + segment.flat.numel() - 1) >> 1
-            count = last_word - first_word + 1
-            runs.append((segment.key, first_word, count))
-            positions.append(2 * cursor + (segment.start & 1))
+        for _, key, start, size in block.segments:
+            first_word = start >> 1
+            count = ((start + size - 1) >> 1) - first_word + 1
+            keys.append(key)
+            firsts.append(first_word)
+            counts.append(count)
+            positions.append(2 * cursor + (start & 1))
             cursor += count
-        lanes = buffers.hashed(runs).view(torch.int16)
+        lanes = buffers.hashed(keys, firsts, counts).view(torch.int16)
         lanes.clamp_(low, low + 1)
         torch.sub(low_tensor, lanes, out=lanes)
         return lanes, positions
@@ -448,32 +455,27 @@ def bernoulli_keyed_(
         lanes, positions = keep_mask(block)
         if not block.packed:
             for segment, position in zip(block.segments, positions):
-                count = segment.flat.numel()
-                apply_(segment.flat, lanes[position : position + count])
+                apply_(segment.flat, lanes[position : position + segment.size])
             continue
         # Pack the segments in lane order, with a pad element wherever a
         # segment starts or ends in the middle of a word.
         pieces: list[Tensor] = []
-        for segment in block.segments:
-            end = segment.start + segment.flat.numel()
-            if segment.start & 1:
+        flats: list[Tensor] = []
+        for flat, _, start, size in block.segments:
+            if start & 1:
                 pieces.append(pad)
-            pieces.append(segment.flat)
-            if end & 1:
+            pieces.append(flat)
+            flats.append(flat)
+            if (start + size) & 1:
                 pieces.append(pad)
         total = lanes.numel()
         if packing is None:
             packing = torch.empty(2 * capacity, dtype=dtype, device=device)
         packed = torch.cat(pieces, out=packing[:total])
         apply_(packed, lanes)
-        flats = [segment.flat for segment in block.segments]
-        torch._foreach_copy_(
-            flats,
-            [
-                packed[position : position + flat.numel()]
-                for flat, position in zip(flats, positions)
-            ],
-        )
+        # One split makes every piece's view; the pads' views are skipped.
+        views = packed.split([piece.numel() for piece in pieces])
+        torch._foreach_copy_(flats, [v for v, p in zip(views, pieces) if p is not pad])
     for original, copy in write_back:
         original.copy_(copy)
 
@@ -524,15 +526,19 @@ def gaussian_keyed_(
     buffers = _WordBuffers(2 * max(block_lanes, pack_lanes), device)
     tensors = [(t, target.key, target.start) for t, target in zip(dense, consecutive)]
     for block in iter_blocks(tensors, block_lanes, pack_lanes):
-        runs = [(s.key, 2 * s.start, 2 * s.flat.numel()) for s in block.segments]
-        words = _unsigned(buffers.hashed(runs)).view(-1, 2)
+        segments = block.segments
+        words = buffers.hashed(
+            [s.key for s in segments],
+            [2 * s.start for s in segments],
+            [2 * s.size for s in segments],
+        )
+        words = _unsigned(words).view(-1, 2)
         noise = (_normals(words[:, 0], words[:, 1]) * sigma + 1.0).to(noise_dtype)
         if scale != 1.0:
             noise.mul_(scale)
         cursor = 0
-        for segment in block.segments:
-            count = segment.flat.numel()
-            segment.flat.mul_(noise[cursor : cursor + count])
-            cursor += count
+        for segment in segments:
+            segment.flat.mul_(noise[cursor : cursor + segment.size])
+            cursor += segment.size
     for original, copy in write_back:
         original.copy_(copy)

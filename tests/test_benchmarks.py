@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
-CONTENDERS = {"bare", "dropgrad", "published"}
+CONTENDERS = {"bare", "dropgrad", "update", "published"}
 
 
 @pytest.fixture(scope="module")
