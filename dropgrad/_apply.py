@@ -219,14 +219,15 @@ def mask_all(
             unmasked.append(located.values)
     for (plan, located), key in zip(masked, keys):
         values = located.values
+        rate = plan.rate or 0.0  # positive here; the fallback only narrows the type
         if plan.granularity == "element" or (plan.granularity == "row" and values.dim() <= 1):
             target = MaskTarget(values, key, located.start, located.index)
-            buckets.setdefault((values.device, values.dtype, float(plan.rate)), []).append(target)
+            buckets.setdefault((values.device, values.dtype, rate), []).append(target)
             continue
         if values.numel() == 0:
             continue
         ones, whole = _row_targets(located, key, plan.granularity, values.dtype)
-        kernel([ones], plan.rate, scale)
+        kernel([ones], rate, scale)
         if whole:
             multiplier = float(ones.values[0])
             if bernoulli and multiplier == 0.0:
