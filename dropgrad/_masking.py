@@ -484,12 +484,14 @@ def _triton_masks_(
     dense: Sequence[Tensor], targets: Sequence[MaskTarget], threshold: int, factor: float
 ) -> bool:
     """Mask each tensor with the fused Triton kernel; False when it cannot be used."""
-    from ._triton_mask import bernoulli_keyed_triton_, triton_usable
+    from ._triton_mask import bernoulli_keyed_triton_, factor_tensor, triton_usable
 
     if not all(triton_usable(t) for t in dense):
         return False
+    factor_on_device = factor_tensor(factor, dense[0].dtype, dense[0].device)
     for tensor, target in zip(dense, targets):
-        bernoulli_keyed_triton_(tensor.view(-1), target.start, target.key, threshold, factor)
+        flat = tensor.view(-1)
+        bernoulli_keyed_triton_(flat, target.start, target.key, threshold, factor_on_device)
     return True
 
 

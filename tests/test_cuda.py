@@ -60,7 +60,9 @@ def test_gaussian_cuda_matches_cpu_to_rounding(dtype: torch.dtype) -> None:
     cuda = cpu.cuda()
     gaussian_keyed_([MaskTarget(cpu, key, 7)], 0.3)
     gaussian_keyed_([MaskTarget(cuda, key, 7)], 0.3)
-    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+    torch.testing.assert_close(
+        cuda.cpu(), cpu, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0
+    )
 
 
 @pytest.mark.parametrize("granularity", ["element", "row", "tensor"])
@@ -71,12 +73,12 @@ def test_dropgrad_masked_gradients_match_across_devices(granularity: str) -> Non
         model = torch.nn.Sequential(torch.nn.Linear(33, 65), torch.nn.Linear(65, 7)).to(device)
         base = torch.optim.SGD(model.parameters(), lr=0.0)
         opt = DropGrad(base, drop_rate=0.4, granularity=granularity, seed=11)
-        grads = []
-        base.register_step_pre_hook(
-            lambda optimizer, *_: grads.extend(
-                p.grad.detach().cpu().clone() for p in model.parameters()
-            )
-        )
+        grads: list[torch.Tensor] = []
+
+        def record(optimizer: torch.optim.Optimizer, *_: object, into: list = grads) -> None:
+            into.extend(p.grad.detach().cpu().clone() for p in optimizer.param_groups[0]["params"])
+
+        base.register_step_pre_hook(record)
         generator = torch.Generator().manual_seed(1)
         for _ in range(3):
             for param in model.parameters():
@@ -92,3 +94,36 @@ def test_functional_keyed_form_matches_across_devices() -> None:
     expected = drop_grad(tensor, 0.25, seed=3, step=4, index=5)
     actual = drop_grad(tensor.cuda(), 0.25, seed=3, step=4, index=5)
     assert torch.equal(_bits(actual), _bits(expected))
+
+
+def test_checkpoint_loaded_onto_the_gpu_resumes_exactly() -> None:
+    """The Hugging Face Trainer loads optimizer checkpoints with map_location=<its GPU>."""
+    import io
+
+    def build() -> tuple[torch.nn.Module, DropGrad]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(40, 9).cuda()
+        opt = DropGrad(torch.optim.AdamW(model.parameters(), lr=1e-2), drop_rate=0.3, seed=4)
+        return model, opt
+
+    def train(model: torch.nn.Module, opt: DropGrad, steps: range) -> None:
+        for step in steps:
+            generator = torch.Generator().manual_seed(step)
+            inputs = torch.randn(16, 40, generator=generator).cuda()
+            model(inputs).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = build()
+    train(model, opt, range(3))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train(model, opt, range(3, 6))
+    buffer.seek(0)
+    saved = torch.load(buffer, map_location="cuda:0", weights_only=True)
+    resumed_model, resumed_opt = build()
+    resumed_model.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    train(resumed_model, resumed_opt, range(3, 6))
+    for resumed, uninterrupted in zip(resumed_model.parameters(), model.parameters()):
+        assert torch.equal(resumed, uninterrupted)

@@ -1,0 +1,128 @@
+"""The fused Triton mask kernel, run on CPU tensors by Triton's interpreter.
+
+The kernel is what CUDA tensors are masked with; here it must give bit for bit
+what the torch-op path gives (and so what the reference path gives), for every
+dtype it takes, odd sizes, odd and 64-bit start offsets, and NaN and inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import dropgrad._triton_mask as triton_mask  # noqa: E402
+from dropgrad._masking import LANE_LEVELS, MaskTarget, bernoulli_keyed_  # noqa: E402
+from dropgrad._random import MASK_DOMAIN, stream_key  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run the kernel under the interpreter, jitted afresh for it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_mask._kernel_cache.clear()
+    yield
+    triton_mask._kernel_cache.clear()
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(BITS[tensor.dtype.itemsize])
+
+
+def values(size: int, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(size)
+    tensor = torch.randn(size, dtype=torch.float64, generator=generator).to(dtype)
+    if size >= 4:
+        tensor[:4] = torch.tensor([float("inf"), float("nan"), -0.0, float("-inf")])
+    return tensor
+
+
+def mask_with_kernel(tensor: torch.Tensor, start: int, rate: float, scale: float) -> None:
+    threshold = round(rate * LANE_LEVELS)
+    factor = scale * LANE_LEVELS / (LANE_LEVELS - threshold)
+    key = stream_key(31, MASK_DOMAIN, 4, 2)
+    on_device = triton_mask.factor_tensor(factor, tensor.dtype, tensor.device)
+    triton_mask.bernoulli_keyed_triton_(tensor, start, key, threshold, on_device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size", [1, 2, 3, 1023, 1025, 4099])
+@pytest.mark.parametrize("start", [0, 1, 2**32 - 3, 2**33 + 1])
+def test_kernel_matches_the_torch_op_path(dtype: torch.dtype, size: int, start: int) -> None:
+    expected = values(size, dtype)
+    actual = expected.clone()
+    key = stream_key(31, MASK_DOMAIN, 4, 2)
+    bernoulli_keyed_([MaskTarget(expected, key, start)], 0.3, 1.5)
+    mask_with_kernel(actual, start, 0.3, 1.5)
+    if dtype == torch.bfloat16:
+        # The interpreter emulates bfloat16 by truncating float32, where a GPU
+        # rounds to nearest even like torch (tests/test_cuda.py checks the bits
+        # there): here the masks must agree exactly and the survivors to one ulp.
+        assert torch.equal(actual == 0, expected == 0)
+        assert torch.equal(actual.isnan(), expected.isnan())
+        finite = expected.isfinite()
+        ulps = (bits(actual)[finite].int() - bits(expected)[finite].int()).abs()
+        assert ulps.numel() == 0 or int(ulps.max()) <= 1
+        return
+    assert torch.equal(bits(actual), bits(expected))
+
+
+@pytest.mark.parametrize("rate", [2**-16, 0.1, 0.5, 65535 / 65536])
+def test_kernel_matches_at_extreme_thresholds(rate: float) -> None:
+    expected = values(2048, torch.float32)
+    actual = expected.clone()
+    key = stream_key(31, MASK_DOMAIN, 4, 2)
+    bernoulli_keyed_([MaskTarget(expected, key, 5)], rate)
+    mask_with_kernel(actual, 5, rate, 1.0)
+    assert torch.equal(bits(actual), bits(expected))
+
+
+def test_dropped_specials_become_positive_zero() -> None:
+    tensor = torch.full((4096,), float("nan"))
+    tensor[1::2] = float("-inf")
+    mask_with_kernel(tensor, 0, 0.5, 1.0)
+    dropped = ~(tensor.isnan() | tensor.isinf())
+    assert 0 < int(dropped.sum()) < tensor.numel()
+    assert torch.equal(bits(tensor[dropped]), torch.zeros(int(dropped.sum()), dtype=torch.int32))
+
+
+def test_kernel_writes_only_its_slice() -> None:
+    base = values(3000, torch.float32)
+    original = base.clone()
+    part = base[1000:2001]
+    mask_with_kernel(part, 1000, 0.5, 1.0)
+    assert torch.equal(bits(base[:1000]), bits(original[:1000]))
+    assert torch.equal(bits(base[2001:]), bits(original[2001:]))
+    assert bool((part == 0).any())
+
+
+def test_empty_tensor_is_a_no_op() -> None:
+    mask_with_kernel(torch.empty(0), 0, 0.5, 1.0)
+
+
+def test_usable_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert triton_mask.triton_usable(torch.ones(8))
+    assert not triton_mask.triton_usable(torch.ones(8, 2).t())
+    assert not triton_mask.triton_usable(torch.ones(8, dtype=torch.complex64))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not triton_mask.triton_usable(torch.ones(8))
+
+
+def test_missing_triton_means_unusable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def refuse_triton(name: str, *args: object, **kwargs: object) -> object:
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("no triton here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", refuse_triton)
+    assert not triton_mask.triton_usable(torch.ones(8))
