@@ -317,11 +317,24 @@ class _WordBuffers:
         cursor = repeats.cumsum(0) - repeats
         shift = torch.tensor(firsts, dtype=torch.int64, device=device).sub_(cursor)
         shift.bitwise_and_(_MASK32).mul_(constants[:, 0]).add_(constants[:, 1])
-        # int64 to int32 keeps the low 32 bits: the value modulo 2**32.
-        scale = constants[:, 0].to(torch.int32).repeat_interleave(repeats, output_size=total)
-        torch.mul(iota, scale, out=words)
-        words.add_(shift.to(torch.int32).repeat_interleave(repeats, output_size=total))
+        torch.mul(iota, _repeat_runs(constants[:, 0], cursor, total), out=words)
+        words.add_(_repeat_runs(shift, cursor, total))
         return hash_words_(words, self.scratch[:total])
+
+
+def _repeat_runs(values: Tensor, starts: Tensor, total: int) -> Tensor:
+    """``values[j]`` repeated over positions ``starts[j] .. starts[j + 1] - 1``, as int32.
+
+    Written as a cumulative sum of the steps between consecutive values, placed
+    at the run starts: ``repeat_interleave`` would do the same, but it wakes
+    torch's thread pool even for a few elements, which costs milliseconds when
+    the cores are busy. int64 to int32 keeps the low 32 bits: the value modulo
+    ``2**32``, which is all the hash inputs use.
+    """
+    steps = torch.diff(values, prepend=values.new_zeros(1))
+    repeated = torch.zeros(total, dtype=torch.int64, device=values.device)
+    repeated.index_put_((starts,), steps)
+    return repeated.cumsum_(0).to(torch.int32)
 
 
 def _dense(targets: Sequence[MaskTarget]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:

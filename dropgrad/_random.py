@@ -151,6 +151,10 @@ def _splitmix64_tensor(values: Tensor) -> Tensor:
     return z
 
 
+# Up to this many keys, a Python loop costs less than the dozen tensor ops.
+_SCALAR_KEYS = 16
+
+
 def stream_keys(seed: int, domain: int, step: int, indices: Sequence[int]) -> list[StreamKey]:
     """:func:`stream_key` for many parameter indices at once (vectorized, same values).
 
@@ -159,6 +163,8 @@ def stream_keys(seed: int, domain: int, step: int, indices: Sequence[int]) -> li
     """
     if not indices:
         return []
+    if len(indices) <= _SCALAR_KEYS:
+        return [stream_key(seed, domain, step, index) for index in indices]
     step_key = splitmix64(splitmix64(seed ^ domain) ^ (step & _MASK64))
     # Parameter positions fit in int64; larger indices take the exact signed form.
     positions = indices if max(indices) < 1 << 63 else [_signed64(i) for i in indices]

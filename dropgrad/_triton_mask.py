@@ -52,17 +52,18 @@ def _load_kernel() -> Any:
         _kernel_cache["kernel"] = None
         return None
 
+    # Triton reads the annotations of a jitted function: only tl.constexpr may appear.
     @triton.jit
-    def keyed_bernoulli_kernel(
-        values_ptr: Any,
-        count: Any,
-        start: Any,
-        multiplier: Any,
-        offset: Any,
-        threshold: Any,
-        factor_ptr: Any,
+    def keyed_bernoulli_kernel(  # type: ignore[no-untyped-def]
+        values_ptr,
+        count,
+        start,
+        multiplier,
+        offset,
+        threshold,
+        factor_ptr,
         BLOCK: tl.constexpr,
-    ) -> None:
+    ):
         program = tl.program_id(0)
         positions = program.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = positions < count

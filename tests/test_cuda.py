@@ -22,7 +22,15 @@ STARTS = [0, 1, 2**32 - 3, 2**33 + 1]
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    """The bytes of ``tensor``, with every NaN written as one canonical NaN.
+
+    A GPU's arithmetic returns its own canonical NaN where the CPU keeps the
+    input's payload; which elements are NaN must still agree exactly.
+    """
+    tensor = tensor.detach().cpu().contiguous().reshape(-1)
+    if tensor.is_floating_point():
+        tensor = torch.where(tensor.isnan(), torch.full_like(tensor, float("nan")), tensor)
+    return tensor.view(torch.uint8)
 
 
 def _with_specials(size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -60,9 +68,8 @@ def test_gaussian_cuda_matches_cpu_to_rounding(dtype: torch.dtype) -> None:
     cuda = cpu.cuda()
     gaussian_keyed_([MaskTarget(cpu, key, 7)], 0.3)
     gaussian_keyed_([MaskTarget(cuda, key, 7)], 0.3)
-    torch.testing.assert_close(
-        cuda.cpu(), cpu, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0
-    )
+    # Relative to the noise (about 1): absolute differences of a few float ulps.
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=8 * torch.finfo(dtype).eps)
 
 
 @pytest.mark.parametrize("granularity", ["element", "row", "tensor"])
