@@ -75,23 +75,33 @@ def save_and_load(state: Any) -> Any:
     return torch.load(buffer, weights_only=True)
 
 
-def test_state_dict_is_the_wrapped_one_plus_a_dropgrad_section() -> None:
+def section(state: dict[str, Any]) -> dict[str, Any]:
+    """DropGrad's section of a state dict (every param group carries the same one)."""
+    return state["param_groups"][0]["dropgrad"]
+
+
+def test_state_dict_is_the_wrapped_one_with_a_section_in_every_group() -> None:
     model, opt = build()
     train(model, opt, 0, 3)
     state = opt.state_dict()
-    assert set(state) == set(opt.optimizer.state_dict()) | {"dropgrad"}
+    assert set(state) == set(opt.optimizer.state_dict())
     assert state["state"].keys() == opt.optimizer.state_dict()["state"].keys()
-    section = state["dropgrad"]
-    assert section["step_count"] == 3
-    assert section["skipped_count"] == opt.skipped_count
-    assert section["full_update_drop"] == 0.3
-    assert section["distribution"] == "bernoulli"
+    assert all(group["dropgrad"] == section(state) for group in state["param_groups"])
+    # The live param groups do not carry it.
+    assert all("dropgrad" not in group for group in opt.param_groups)
+    section_ = section(state)
+    assert section_["seed"] == opt.seed and section_["format_version"] == 2
+    assert (section_["target"], section_["granularity"]) == ("gradient", "element")
+    assert section_["step_count"] == 3
+    assert section_["skipped_count"] == opt.skipped_count
+    assert section_["full_update_drop"] == 0.3
+    assert section_["distribution"] == "bernoulli"
     # Schedulers are referred to by index: default, then groups, then parameters.
-    assert section["drop_rate"] == {"scheduler": 0}
+    assert section_["drop_rate"] == {"scheduler": 0}
     assert state["param_groups"][0]["drop_rate"] == {"scheduler": 1}
     assert state["param_groups"][1]["drop_rate"] == 0.2
-    assert section["param_drop_rates"] == {3: 0.7, 4: {"scheduler": 2}}
-    assert [s["step_count"] for s in section["schedulers"]] == [3, 3, 3]
+    assert section_["param_drop_rates"] == {3: 0.7, 4: {"scheduler": 2}}
+    assert [s["step_count"] for s in section_["schedulers"]] == [3, 3, 3]
     # Building the dict must not replace the live schedulers in the param groups.
     assert isinstance(opt.param_groups[0]["drop_rate"], LinearDropRateScheduler)
 
@@ -101,8 +111,8 @@ def test_state_dict_loads_with_weights_only() -> None:
     train(model, opt, 0, 2)
     state = opt.state_dict()
     loaded = save_and_load(state)
-    assert loaded["dropgrad"]["param_drop_rates"] == state["dropgrad"]["param_drop_rates"]
-    assert loaded["dropgrad"]["schedulers"] == state["dropgrad"]["schedulers"]
+    assert section(loaded)["param_drop_rates"] == section(state)["param_drop_rates"]
+    assert section(loaded)["schedulers"] == section(state)["schedulers"]
 
 
 @pytest.mark.parametrize(("first", "second"), [(4, 5), (0, 3), (7, 1)])
@@ -157,7 +167,7 @@ def test_loading_restores_fixed_rates_and_settings() -> None:
     assert fresh.full_update_drop is True
     assert fresh.distribution == "gaussian"
     assert fresh.get_param_drop_rates() == {"param_groups[0][1]": 0.5}
-    assert fresh._generators.seed == 3
+    assert fresh.seed == 3
 
 
 def test_plain_optimizer_state_dict_loads_into_wrapped_optimizer() -> None:
@@ -188,14 +198,8 @@ def _assert_load_fails(opt: DropGrad, state: Any, error: type, match: str) -> No
     # A checkpoint that does not fit leaves the optimizer as it was.
     assert after["param_groups"] == before["param_groups"]
     assert after["state"].keys() == before["state"].keys()
-    before_section, after_section = before["dropgrad"], after["dropgrad"]
-    generators_before = before_section.pop("generators")
-    generators_after = after_section.pop("generators")
-    assert after_section == before_section
-    assert generators_after["seed"] == generators_before["seed"]
-    assert generators_after["states"].keys() == generators_before["states"].keys()
-    for device, device_state in generators_before["states"].items():
-        assert torch.equal(generators_after["states"][device], device_state)
+    # The param groups, compared above, carry DropGrad's whole section (seed included).
+    assert section(after) == section(before)
 
 
 def small(
@@ -303,9 +307,9 @@ def test_wrong_number_of_groups_or_parameters() -> None:
         r"it has 2 parameter group\(s\) but the optimizer has 1",
     )
     six_params = _checkpoint()
-    six_params["dropgrad"]["drop_rate"] = 0.1
-    six_params["dropgrad"]["param_drop_rates"] = {5: 0.5}
-    six_params["dropgrad"]["schedulers"] = []
+    section(six_params)["drop_rate"] = 0.1
+    section(six_params)["param_drop_rates"] = {5: 0.5}
+    section(six_params)["schedulers"] = []
     for group in six_params["param_groups"]:
         group.pop("drop_rate", None)
     _assert_load_fails(
@@ -323,36 +327,50 @@ def test_wrong_number_of_groups_or_parameters() -> None:
 @pytest.mark.parametrize(
     ("corrupt", "error", "match"),
     [
-        (lambda s: s["dropgrad"].update(format_version=99), ValueError, r"format_version 99 is"),
-        (lambda s: s["dropgrad"].pop("generators"), ValueError, r"entry lacks \['generators'\]"),
+        (lambda s: section(s).update(format_version=99), ValueError, r"format_version 99 is"),
+        (lambda s: section(s).pop("seed"), ValueError, r"entry lacks \['seed'\]"),
         (
-            lambda s: [s["dropgrad"].pop(k) for k in ("step_count", "schedulers")],
+            lambda s: [section(s).pop(k) for k in ("step_count", "schedulers")],
             ValueError,
             r"entry lacks \['schedulers', 'step_count'\]",
         ),
-        (lambda s: s.update(dropgrad=[1, 2]), ValueError, r"'dropgrad' entry must be a dict"),
         (
-            lambda s: s["dropgrad"].update(full_update_drop=1.5),
+            lambda s: [group.update(dropgrad=[1, 2]) for group in s["param_groups"]],
+            ValueError,
+            r"'dropgrad' entry must be a dict",
+        ),
+        (
+            lambda s: section(s).update(full_update_drop=1.5),
             ValueError,
             r"full_update_drop must be in \[0, 1\], got 1.5",
         ),
         (
-            lambda s: s["dropgrad"].update(distribution="uniform"),
+            lambda s: section(s).update(distribution="uniform"),
             ValueError,
             r"distribution must be one of",
         ),
         (
-            lambda s: s["dropgrad"].update(generators={"states": {}}),
+            lambda s: section(s).update(seed=-3),
             ValueError,
-            r"generator state must be a dict with an int 'seed'",
+            r"seed must be in \[0, 2\*\*64\), got -3",
         ),
         (
-            lambda s: s["dropgrad"]["generators"].update(states={"cpu": [1, 2]}),
-            ValueError,
-            r"generator state must be a dict .* 'states' of device name to state tensor",
+            lambda s: section(s).update(seed="7"),
+            TypeError,
+            r"seed must be an int or None, got str '7'",
         ),
         (
-            lambda s: s["dropgrad"].update(skipped_count=-1),
+            lambda s: section(s).update(target="weights"),
+            ValueError,
+            r"state_dict target must be one of \('gradient', 'update'\), got 'weights'",
+        ),
+        (
+            lambda s: section(s).update(granularity=3),
+            ValueError,
+            r"granularity must be a string, got 3",
+        ),
+        (
+            lambda s: section(s).update(skipped_count=-1),
             ValueError,
             r"skipped_count must be an int >= 0, got -1",
         ),
@@ -364,8 +382,10 @@ def test_wrong_number_of_groups_or_parameters() -> None:
         "not-a-dict",
         "full-update-drop",
         "distribution",
-        "generators",
-        "generator-states",
+        "seed-range",
+        "seed-type",
+        "target",
+        "granularity",
         "skipped-count",
     ],
 )
@@ -377,7 +397,7 @@ def test_malformed_section(corrupt, error: type, match: str) -> None:
 
 def test_fixed_rate_in_checkpoint_is_validated() -> None:
     state = small(drop_rate=0.1, lr=0.5).state_dict()
-    state["dropgrad"]["drop_rate"] = 1.5
+    section(state)["drop_rate"] = 1.5
     _assert_load_fails(
         small(drop_rate=0.1), state, ValueError, r"state_dict drop_rate must be in \[0, 1\]"
     )
@@ -389,7 +409,7 @@ def test_state_dict_must_be_a_mapping() -> None:
 
 def test_malformed_scheduler_state_changes_nothing() -> None:
     state = small(drop_rate=linear(), lr=0.5).state_dict()
-    state["dropgrad"]["schedulers"][0] = {"num_steps": 3}
+    section(state)["schedulers"][0] = {"num_steps": 3}
     _assert_load_fails(
         small(drop_rate=linear()),
         state,
@@ -409,7 +429,9 @@ def test_state_dict_hooks_registered_on_dropgrad_run() -> None:
     def load_pre(optimizer: Any, state: dict) -> dict:
         events.append("load-pre")
         # What the pre hook returns is what gets loaded.
-        return {**state, "dropgrad": {**state["dropgrad"], "step_count": 7}}
+        edited = {**section(state), "step_count": 7}
+        groups = [{**group, "dropgrad": edited} for group in state["param_groups"]]
+        return {**state, "param_groups": groups}
 
     opt.register_state_dict_pre_hook(lambda optimizer: events.append("save-pre"))
     opt.register_state_dict_post_hook(save_post)
@@ -420,7 +442,7 @@ def test_state_dict_hooks_registered_on_dropgrad_run() -> None:
     opt.load_state_dict(state)
     assert events == ["save-pre", "save-post", "load-pre", "load-post"]
     assert opt.step_count == 7
-    assert state["dropgrad"]["step_count"] == 0
+    assert section(state)["step_count"] == 0
 
 
 def test_scheduler_class_mismatch() -> None:
@@ -445,3 +467,53 @@ def test_plain_optimizer_checkpoint_keeps_group_drop_rates() -> None:
     assert opt.param_groups[1]["drop_rate"] == 0.7
     assert opt.param_groups[0]["lr"] == 0.3
     assert opt.get_drop_rates() == [0.1, 0.7]
+
+
+def test_checkpoint_of_the_generator_format_is_refused() -> None:
+    state = small(drop_rate=0.1, lr=0.5).state_dict()
+    old = {key: value for key, value in state.items()}
+    old["param_groups"] = [
+        {k: v for k, v in group.items() if k != "dropgrad"} for group in state["param_groups"]
+    ]
+    old["dropgrad"] = {"format_version": 1, "generators": {"seed": 1, "states": {}}}
+    _assert_load_fails(
+        small(drop_rate=0.1),
+        old,
+        ValueError,
+        r"written by an older dropgrad \(format_version 1, with random-generator states\); "
+        r"this dropgrad reads format 2",
+    )
+
+
+def test_sections_in_only_some_groups_are_refused() -> None:
+    state = small(drop_rate=0.1, group_rates=(0.1, 0.2)).state_dict()
+    del state["param_groups"][1]["dropgrad"]
+    _assert_load_fails(
+        small(drop_rate=0.1, group_rates=(0.1, 0.2)),
+        state,
+        ValueError,
+        r"1 of its 2 param groups carry a 'dropgrad' section",
+    )
+
+
+def test_section_holds_no_tensors_and_loads_with_any_map_location() -> None:
+    model, opt = build()
+    train(model, opt, 0, 3)
+
+    def tensors_in(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return 1
+        if isinstance(value, dict):
+            return sum(tensors_in(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return sum(tensors_in(v) for v in value)
+        return 0
+
+    state = opt.state_dict()
+    assert tensors_in(section(state)) == 0
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    for location in ("cpu", "meta"):
+        buffer.seek(0)
+        loaded = torch.load(buffer, map_location=location, weights_only=True)
+        assert section(loaded) == section(state)
