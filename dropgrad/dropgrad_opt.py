@@ -526,6 +526,12 @@ class DropGrad(Optimizer):
             return self.optimizer.step()
         return self.optimizer.step(closure)
 
+    # Under torch.compile the step runs eagerly, behind a graph break: its
+    # decisions depend on Python counters that change every step, which would
+    # make dynamo specialise and recompile the step until it gave up. The
+    # masks need no generator object, so nothing else stands in the way; the
+    # forward and backward around the step are compiled as usual.
+    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Mask the gradients (or the update) and run the wrapped optimizer's step.
 

@@ -101,8 +101,12 @@ def _scaled_step(
     scaler.update()
 
 
+def _section(opt: DropGrad) -> dict:
+    return opt.state_dict()["param_groups"][0]["dropgrad"]
+
+
 def test_grad_scaler_inf_step_leaves_dropgrad_untouched() -> None:
-    """A step GradScaler skips for inf/NaN does not advance schedulers, counters or generators."""
+    """A step GradScaler skips for inf/NaN does not advance schedulers or counters."""
     batches = _batches(5)
     bad_step = 2
 
@@ -115,15 +119,13 @@ def test_grad_scaler_inf_step_leaves_dropgrad_untouched() -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
     for index, (inputs, targets) in enumerate(batches):
         if index == bad_step:
-            before = (opt.state_dict()["dropgrad"], _params(model), scaler.get_scale())
+            before = (_section(opt), _params(model), scaler.get_scale())
             _scaled_step(model, opt, scaler, inputs, targets, loss_factor=math.inf)
             section, params, scale = before
-            after = opt.state_dict()["dropgrad"]
+            after = _section(opt)
             assert after["step_count"] == section["step_count"] == bad_step
-            assert after["schedulers"] == section["schedulers"]
-            saved_states, states = section["generators"]["states"], after["generators"]["states"]
-            assert saved_states.keys() == states.keys()
-            assert all(torch.equal(saved_states[k], states[k]) for k in states)
+            # Seed, counters, rates and scheduler states: all untouched.
+            assert after == section
             assert opt.drop_rate == pytest.approx(0.1 + 0.03 * bad_step)
             assert all(torch.equal(a, b) for a, b in zip(_params(model), params))
             assert scaler.get_scale() == scale / 2

@@ -106,8 +106,13 @@ def test_hf_trainer_trains_saves_and_resumes(tmp_path: Path) -> None:
     assert 0 < full_opt.skipped_count < MAX_STEPS
 
     checkpoint = tmp_path / "full" / f"checkpoint-{SAVE_STEPS}"
-    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)["dropgrad"]
-    assert saved["step_count"] == SAVE_STEPS
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    section = saved["param_groups"][0]["dropgrad"]
+    assert section["step_count"] == SAVE_STEPS
+    # On several GPUs the Trainer loads with map_location=<the rank's GPU>: DropGrad's
+    # section holds no tensors, so wherever the tensors go it arrives unchanged.
+    elsewhere = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="meta")
+    assert elsewhere["param_groups"][0]["dropgrad"] == section
 
     # Another seed for the fresh model and DropGrad: the checkpoint must overwrite both.
     resumed_model = _model(seed=1)
@@ -118,9 +123,7 @@ def test_hf_trainer_trains_saves_and_resumes(tmp_path: Path) -> None:
     assert resumed_opt.step_count == full_opt.step_count
     assert resumed_opt.skipped_count == full_opt.skipped_count
     assert resumed_opt.drop_rate == full_opt.drop_rate
-    resumed_section = resumed_opt.state_dict()["dropgrad"]
-    full_section = full_opt.state_dict()["dropgrad"]
-    assert resumed_section["generators"]["seed"] == full_section["generators"]["seed"]
+    assert resumed_opt.seed == full_opt.seed
     assert resumed_opt.param_groups[0]["lr"] == full_opt.param_groups[0]["lr"]
     for (name, param), full_param in zip(resumed_model.named_parameters(), full_model.parameters()):
         assert torch.equal(param, full_param), name

@@ -88,7 +88,8 @@ def test_lightning_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert 0 < full_opt.skipped_count < full_opt.step_count
 
     checkpoint = checkpoint_dir / f"epoch={RESUME_EPOCH - 1}.ckpt"
-    saved = torch.load(checkpoint, weights_only=False)["optimizer_states"][0]["dropgrad"]
+    saved = torch.load(checkpoint, weights_only=False)["optimizer_states"][0]
+    saved = saved["param_groups"][0]["dropgrad"]
     assert saved["step_count"] == RESUME_EPOCH * BATCHES_PER_EPOCH
 
     # Different torch seed: different initial weights and a different DropGrad
@@ -103,16 +104,10 @@ def test_lightning_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(param, full_param)
     resumed_state = resumed_opt.state_dict()
     full_state = full_opt.state_dict()
-    for key in ("step_count", "skipped_count", "schedulers", "drop_rate"):
-        assert resumed_state["dropgrad"][key] == full_state["dropgrad"][key]
-    assert (
-        resumed_state["dropgrad"]["generators"]["seed"]
-        == (full_state["dropgrad"]["generators"]["seed"])
-    )
-    assert torch.equal(
-        resumed_state["dropgrad"]["generators"]["states"]["cpu"],
-        full_state["dropgrad"]["generators"]["states"]["cpu"],
-    )
+    resumed_section = resumed_state["param_groups"][0]["dropgrad"]
+    full_section = full_state["param_groups"][0]["dropgrad"]
+    for key in ("seed", "step_count", "skipped_count", "schedulers", "drop_rate"):
+        assert resumed_section[key] == full_section[key]
     assert resumed_opt.drop_rate == full_opt.drop_rate
     assert resumed_opt.param_groups[0]["lr"] == full_opt.param_groups[0]["lr"]
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == EPOCHS
