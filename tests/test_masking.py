@@ -1,4 +1,4 @@
-"""Mask kernels: rate quantization, chunked/reference agreement, statistics, memory."""
+"""Mask kernels: rate quantization, fast/reference agreement, statistics, memory."""
 
 from __future__ import annotations
 
@@ -9,38 +9,63 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import dropgrad._masking as masking
 from dropgrad._masking import (
     CHUNK_LANES,
     LANE_LEVELS,
-    bernoulli_chunked_,
+    MaskTarget,
+    bernoulli_keyed_,
     bernoulli_reference_,
-    draw_drop_mask,
-    gaussian_,
+    gaussian_keyed_,
+    lanes_reference,
     quantize_rate,
 )
+from dropgrad._random import MASK_DOMAIN, stream_key
 
-from ._helpers import ALL_DTYPES, random_tensor, seeded_generator
+from ._helpers import ALL_DTYPES, random_tensor
 
 SEED = 20260
-# (tensors, rate, generator, scale=1.0) -> None, masking in place.
+DTYPES = ALL_DTYPES
+
+
+def generator(seed: int = SEED) -> int:
+    """The seed the kernels below key their masks with (tensor ``i`` is parameter ``i``)."""
+    return seed
+
+
+def targets(tensors: list[torch.Tensor], seed: int, starts: list[int] | None = None) -> list:
+    starts = starts or [0] * len(tensors)
+    return [
+        MaskTarget(tensor, stream_key(seed, MASK_DOMAIN, 3, index), start)
+        for index, (tensor, start) in enumerate(zip(tensors, starts))
+    ]
+
+
+def keyed(kernel: Callable[..., None], chunk_lanes: int | None = None) -> Callable[..., None]:
+    """``kernel`` with the signature (tensors, rate, seed, scale=1.0, chunk_lanes=...)."""
+
+    def run(
+        tensors: list[torch.Tensor], rate: float, seed: int, scale: float = 1.0, **kwargs: int
+    ) -> None:
+        if chunk_lanes is not None:
+            kwargs["chunk_lanes"] = chunk_lanes
+        kernel(targets(tensors, seed), rate, scale, **kwargs)
+
+    return run
+
+
+# (tensors, rate, seed, scale=1.0) -> None, masking in place.
 Kernel = Callable[..., None]
 BERNOULLI_KERNELS = [
-    pytest.param(bernoulli_reference_, id="reference"),
-    pytest.param(bernoulli_chunked_, id="chunked"),
-    pytest.param(
-        lambda ts, rate, gen, scale=1.0: bernoulli_chunked_(ts, rate, gen, scale, 64),
-        id="chunked-64",
-    ),
+    pytest.param(keyed(bernoulli_reference_), id="reference"),
+    pytest.param(keyed(bernoulli_keyed_), id="fast"),
+    pytest.param(keyed(bernoulli_keyed_, 64), id="fast-64"),
 ]
 # Large-sample statistics skip the tiny-chunk variant, which would only cost
 # time: the bit-identity tests below tie it to the reference path.
 STAT_KERNELS = BERNOULLI_KERNELS[:2]
+gaussian_ = keyed(gaussian_keyed_)
 ALL_KERNELS = [*BERNOULLI_KERNELS, pytest.param(gaussian_, id="gaussian")]
-DTYPES = ALL_DTYPES
-
-
-def generator(seed: int = SEED) -> torch.Generator:
-    return seeded_generator(seed)
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -134,7 +159,7 @@ def test_quantize_rate_is_monotone() -> None:
 
 
 # ---------------------------------------------------------------------------
-# bernoulli_chunked_ against bernoulli_reference_
+# bernoulli_keyed_ (fast) against bernoulli_reference_
 
 TensorFactory = Callable[[torch.dtype], list[torch.Tensor]]
 
@@ -184,21 +209,24 @@ TENSOR_SETS = [
 def mask_both_ways(
     make: TensorFactory, dtype: torch.dtype, rate: float, scale: float, chunk_lanes: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Originals, reference results and chunked results from identically seeded generators."""
+    """Originals, reference results and fast results, with the same keys.
+
+    Tensor ``i`` starts at global index ``7 * i`` of its parameter, so odd
+    offsets (a segment starting in the middle of a word) are covered too.
+    """
     originals = make(dtype)
     reference = make(dtype)
-    chunked = make(dtype)
-    reference_generator, chunked_generator = generator(), generator()
-    bernoulli_reference_(reference, rate, reference_generator, scale)
-    bernoulli_chunked_(chunked, rate, chunked_generator, scale, chunk_lanes=chunk_lanes)
-    assert torch.equal(reference_generator.get_state(), chunked_generator.get_state())
-    return originals, reference, chunked
+    fast = make(dtype)
+    starts = [7 * i for i in range(len(originals))]
+    bernoulli_reference_(targets(reference, SEED, starts), rate, scale)
+    bernoulli_keyed_(targets(fast, SEED, starts), rate, scale, chunk_lanes=chunk_lanes)
+    return originals, reference, fast
 
 
 @pytest.mark.parametrize("make", TENSOR_SETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("chunk_lanes", [4, 64, 1000])
-def test_chunked_is_bit_identical_to_reference(
+def test_fast_is_bit_identical_to_reference(
     make: TensorFactory, dtype: torch.dtype, chunk_lanes: int
 ) -> None:
     originals, reference, chunked = mask_both_ways(make, dtype, 0.3, 1.0, chunk_lanes)
@@ -213,7 +241,7 @@ def test_chunked_is_bit_identical_to_reference(
 
 @pytest.mark.parametrize("make", TENSOR_SETS)
 @pytest.mark.parametrize(("rate", "scale"), [(0.3, 0.5), (0.05, 3.0), (0.0, 0.25), (1.0, 2.0)])
-def test_chunked_matches_reference_with_a_scale(
+def test_fast_matches_reference_with_a_scale(
     make: TensorFactory, rate: float, scale: float
 ) -> None:
     originals, reference, chunked = mask_both_ways(make, torch.float32, rate, scale, 64)
@@ -229,7 +257,7 @@ def test_chunked_matches_reference_with_a_scale(
             assert torch.equal(actual[kept], original[kept] * (scale * keep_scale))
 
 
-def test_chunked_matches_reference_across_default_sized_chunks() -> None:
+def test_fast_matches_reference_across_default_sized_chunks() -> None:
     count = 2 * CHUNK_LANES + 12345
     originals, reference, chunked = mask_both_ways(
         lambda dtype: [torch.ones(count, dtype=dtype)], torch.float32, 0.5, 1.0, CHUNK_LANES
@@ -237,8 +265,8 @@ def test_chunked_matches_reference_across_default_sized_chunks() -> None:
     assert_bit_identical(chunked[0], reference[0])
 
 
-def test_chunked_leaves_the_rest_of_a_sliced_base_alone() -> None:
-    for kernel in (bernoulli_reference_, bernoulli_chunked_):
+def test_fast_leaves_the_rest_of_a_sliced_base_alone() -> None:
+    for kernel in (keyed(bernoulli_reference_), keyed(bernoulli_keyed_)):
         base = random_tensor(20, 12)
         original = base.clone()
         view = base[3:17, ::3]
@@ -249,14 +277,14 @@ def test_chunked_leaves_the_rest_of_a_sliced_base_alone() -> None:
         assert (view == 0).any()
 
 
-def test_draw_drop_mask_agrees_with_the_kernels() -> None:
+def test_lanes_reference_agrees_with_the_kernels() -> None:
     threshold, _ = quantize_rate(0.4)
-    mask = draw_drop_mask(torch.Size([33, 17]), threshold, torch.device("cpu"), generator())
-    assert mask.dtype == torch.bool
-    assert mask.shape == (33, 17)
+    key = stream_key(SEED, MASK_DOMAIN, 3, 0)
+    lanes = lanes_reference(key, torch.arange(33 * 17, dtype=torch.int64))
+    assert int(lanes.min()) >= 0 and int(lanes.max()) < LANE_LEVELS
     ones = torch.ones(33, 17)
-    bernoulli_chunked_([ones], 0.4, generator(), chunk_lanes=64)
-    assert torch.equal(mask, ones == 0)
+    bernoulli_keyed_([MaskTarget(ones, key)], 0.4, chunk_lanes=64)
+    assert torch.equal((lanes < threshold).view(33, 17), ones == 0)
 
 
 # ---------------------------------------------------------------------------
@@ -277,16 +305,16 @@ def test_fraction_dropped_matches_the_rate(kernel: Kernel, rate: float) -> None:
     assert abs(dropped.double().mean().item() - realized) <= binomial_tolerance(
         realized, STAT_COUNT
     )
-    # Each of the four lanes of a 64-bit word is uniform on its own ...
-    per_lane = dropped.view(-1, 4).double().mean(dim=0)
-    lane_tolerance = binomial_tolerance(realized, STAT_COUNT // 4)
+    # Each of the two lanes of a 32-bit word is uniform on its own ...
+    per_lane = dropped.view(-1, 2).double().mean(dim=0)
+    lane_tolerance = binomial_tolerance(realized, STAT_COUNT // 2)
     assert (per_lane - realized).abs().max().item() <= lane_tolerance
     # ... and independent of its neighbour, within a word and across words.
     pair_probability = realized**2
-    pair_tolerance = binomial_tolerance(pair_probability, STAT_COUNT // 4)
-    words = dropped.view(-1, 4)
-    within = (words[:, 1] & words[:, 2]).double().mean().item()
-    across = (words[:-1, 3] & words[1:, 0]).double().mean().item()
+    pair_tolerance = binomial_tolerance(pair_probability, STAT_COUNT // 2)
+    words = dropped.view(-1, 2)
+    within = (words[:, 0] & words[:, 1]).double().mean().item()
+    across = (words[:-1, 1] & words[1:, 0]).double().mean().item()
     assert abs(within - pair_probability) <= pair_tolerance
     assert abs(across - pair_probability) <= pair_tolerance
 
@@ -349,14 +377,16 @@ def test_complex_elements_are_dropped_whole(kernel: Kernel) -> None:
     ],
 )
 def test_rate_rounding_to_zero_draws_nothing_and_changes_nothing(
-    kernel: Kernel, rate: float
+    kernel: Kernel, rate: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    def refuse(*args: object) -> None:
+        raise AssertionError("no random bits may be computed")
+
+    monkeypatch.setattr(masking, "hash_words_", refuse)
+    monkeypatch.setattr(masking, "words_reference", refuse)
     tensors = non_contiguous_tensors(torch.float32)
     originals = [t.clone() for t in tensors]
-    source = generator()
-    state = source.get_state()
-    kernel(tensors, rate, source)
-    assert torch.equal(source.get_state(), state)
+    kernel(tensors, rate, generator())
     for actual, expected in zip(tensors, originals):
         assert_bit_identical(actual, expected)
 
@@ -385,7 +415,7 @@ def test_gaussian_multiplier_has_mean_one_and_bernoulli_variance(
     dtype: torch.dtype, rate: float, chunk_lanes: int
 ) -> None:
     multiplier = torch.ones(STAT_COUNT, dtype=dtype)
-    gaussian_([multiplier], rate, generator(), chunk_lanes=chunk_lanes)
+    gaussian_keyed_(targets([multiplier], SEED), rate, chunk_lanes=chunk_lanes)
     samples = multiplier.double()
     variance = rate / (1 - rate)
     # Mean of n normal draws: standard error sqrt(var / n). Sample variance of
@@ -409,8 +439,8 @@ def test_gaussian_scales_complex_elements_by_one_real_factor() -> None:
 def test_gaussian_scale_multiplies_the_noise() -> None:
     plain = [random_tensor(3000), random_tensor(5, 7, seed=1).t()]
     scaled = [t.clone() for t in plain]
-    gaussian_(plain, 0.2, generator(), chunk_lanes=64)
-    gaussian_(scaled, 0.2, generator(), scale=0.5, chunk_lanes=64)
+    gaussian_keyed_(targets(plain, SEED), 0.2, chunk_lanes=64)
+    gaussian_keyed_(targets(scaled, SEED), 0.2, scale=0.5, chunk_lanes=64)
     for unscaled, result in zip(plain, scaled):
         torch.testing.assert_close(result, unscaled * 0.5, rtol=1e-6, atol=0)
 
@@ -418,10 +448,7 @@ def test_gaussian_scale_multiplies_the_noise() -> None:
 def test_gaussian_rate_zero_applies_only_the_scale() -> None:
     tensors = [random_tensor(100), random_tensor(4, 6, seed=1).t()]
     expected = [t * 3.0 for t in tensors]
-    source = generator()
-    state = source.get_state()
-    gaussian_(tensors, 0.0, source, scale=3.0)
-    assert torch.equal(source.get_state(), state)
+    gaussian_(tensors, 0.0, generator(), scale=3.0)
     for actual, wanted in zip(tensors, expected):
         assert_bit_identical(actual, wanted)
 
@@ -453,27 +480,36 @@ def peak_temporary_bytes(run: Callable[[], None]) -> int:
 
 
 MEMORY_CHUNK = 1 << 14
-# Words (2 bytes a lane), mask (1), a packed float32 copy (4) and noise (4), with room to spare.
-MEMORY_BOUND = 16 * MEMORY_CHUNK
+# Per element of a block, Bernoulli holds 6 bytes of words (an int32 iota, words
+# and scratch for every two elements) and a packed float32 copy (4); Gaussian,
+# whose blocks hold half as many elements, two words an element (24 bytes with
+# iota and scratch) and its float64 uniforms, normals and noise (about 28): 26
+# bytes per block element, bounded with room to spare by 48.
+MEMORY_BOUND = 48 * MEMORY_CHUNK
 
 
-def test_chunked_kernels_hold_chunk_sized_temporaries() -> None:
+def test_fast_kernels_hold_chunk_sized_temporaries() -> None:
     big = torch.ones(1 << 21)
     smalls = [torch.ones(3000) for _ in range(200)]
-    source = generator()
 
     # The measurement sees whole-tensor temporaries: the reference path holds
-    # 2 bytes of lanes per element (4 MiB here).
-    reference_peak = peak_temporary_bytes(lambda: bernoulli_reference_([big], 0.3, source))
-    assert reference_peak >= 2 * big.numel()
+    # int64 indices and words for every element (tens of MiB here).
+    reference_peak = peak_temporary_bytes(lambda: bernoulli_reference_(targets([big], SEED), 0.3))
+    assert reference_peak >= 8 * big.numel()
 
     runs = {
-        "bernoulli-big": lambda: bernoulli_chunked_([big], 0.3, source, chunk_lanes=MEMORY_CHUNK),
-        "bernoulli-packed": lambda: bernoulli_chunked_(
-            smalls, 0.3, source, chunk_lanes=MEMORY_CHUNK
+        "bernoulli-big": lambda: bernoulli_keyed_(
+            targets([big], SEED), 0.3, chunk_lanes=MEMORY_CHUNK
         ),
-        "gaussian-big": lambda: gaussian_([big], 0.3, source, chunk_lanes=MEMORY_CHUNK),
-        "gaussian-packed": lambda: gaussian_(smalls, 0.3, source, chunk_lanes=MEMORY_CHUNK),
+        "bernoulli-packed": lambda: bernoulli_keyed_(
+            targets(smalls, SEED), 0.3, chunk_lanes=MEMORY_CHUNK
+        ),
+        "gaussian-big": lambda: gaussian_keyed_(
+            targets([big], SEED), 0.3, chunk_lanes=MEMORY_CHUNK
+        ),
+        "gaussian-packed": lambda: gaussian_keyed_(
+            targets(smalls, SEED), 0.3, chunk_lanes=MEMORY_CHUNK
+        ),
     }
     peaks = {name: peak_temporary_bytes(run) for name, run in runs.items()}
     assert all(0 < peak <= MEMORY_BOUND for peak in peaks.values()), peaks
