@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 #: Every gradient dtype DropGrad supports.
 ALL_DTYPES = [
@@ -29,3 +33,25 @@ def random_tensor(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0
         values = torch.randn(shape, dtype=torch.float64, generator=source)
         values += torch.sign(values)
     return values.to(dtype)
+
+
+def peak_temporary_bytes(run: Callable[[], None]) -> int:
+    """Highest amount of CPU memory ``run`` holds at once beyond what it started with.
+
+    Memory allocated inside a top-level op and still held when it returns is
+    charged at the op's start; the later free shows up as a negative memory
+    event. Allocations that live and die within one aten op are not counted:
+    this measures the temporaries the Python code keeps.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        run()
+    events = sorted(recorded.events(), key=lambda e: (e.time_range.start, -e.time_range.end))
+    held = peak = 0
+    open_until = -math.inf
+    for event in events:
+        if event.time_range.start < open_until:
+            continue  # nested inside a top-level op, whose usage already includes it
+        open_until = event.time_range.end
+        held += event.cpu_memory_usage
+        peak = max(peak, held)
+    return peak

@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import dropgrad._masking as masking
 from dropgrad._masking import (
@@ -22,7 +21,7 @@ from dropgrad._masking import (
 )
 from dropgrad._random import MASK_DOMAIN, stream_key
 
-from ._helpers import ALL_DTYPES, random_tensor
+from ._helpers import ALL_DTYPES, peak_temporary_bytes, random_tensor
 
 SEED = 20260
 DTYPES = ALL_DTYPES
@@ -455,28 +454,6 @@ def test_gaussian_rate_zero_applies_only_the_scale() -> None:
 
 # ---------------------------------------------------------------------------
 # Memory
-
-
-def peak_temporary_bytes(run: Callable[[], None]) -> int:
-    """Highest amount of CPU memory ``run`` holds at once beyond what it started with.
-
-    Memory allocated inside a top-level op and still held when it returns is
-    charged at the op's start; the later free shows up as a negative memory
-    event. Allocations that live and die within one aten op are not counted:
-    this measures the temporaries the Python code keeps.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
-        run()
-    events = sorted(recorded.events(), key=lambda e: (e.time_range.start, -e.time_range.end))
-    held = peak = 0
-    open_until = -math.inf
-    for event in events:
-        if event.time_range.start < open_until:
-            continue  # nested inside a top-level op, whose usage already includes it
-        open_until = event.time_range.end
-        held += event.cpu_memory_usage
-        peak = max(peak, held)
-    return peak
 
 
 MEMORY_CHUNK = 1 << 14
