@@ -71,12 +71,12 @@ _LANE_OFFSET = 1 << 15
 # of small tensors, one packed copy of them. Temporaries are bounded by this,
 # whatever the parameter size.
 CHUNK_LANES = 1 << 20
-# torch runs an elementwise CPU op on one thread when it has at most this many
-# elements (at::internal::GRAIN_SIZE). Runs of small tensors are packed into
-# blocks no larger than this so masking them never wakes the thread pool, whose
-# wake-up can cost more than the work when the cores are shared; larger tensors
-# are masked in place, where the thread pool pays off.
-_SERIAL_LANES = 1 << 17
+# Tensors of at most this many elements are packed into one buffer with their
+# neighbours: copying them in and out costs less than a dozen ops for each. Larger
+# tensors are masked in place, several to a block.
+_SMALL_LANES = 1 << 14
+# On CPU a packed block holds at most this many elements.
+_CPU_PACK_LANES = 1 << 17
 # On CPU, larger tensors are masked in blocks of at most 2**18 elements: a
 # block's gradient slice, words and scratch (3 MiB in float32) stay in cache
 # between the passes over them.
@@ -243,21 +243,31 @@ class Block(NamedTuple):
 
 
 def iter_blocks(
-    tensors: Sequence[tuple[Tensor, StreamKey, int]], block_lanes: int, pack_lanes: int
+    tensors: Sequence[tuple[Tensor, StreamKey, int]],
+    block_lanes: int,
+    pack_lanes: int,
+    small_lanes: int | None = None,
 ) -> Iterator[Block]:
     """Cut contiguous tensors into blocks of segments.
 
     Args:
         tensors: ``(tensor, key, start)`` for each contiguous tensor.
         block_lanes: most elements masked in place by one block.
-        pack_lanes: tensors of at most this many elements are packed together,
-            up to this many elements per packed block.
+        pack_lanes: most elements of one packed block.
+        small_lanes: tensors of at most this many elements are packed;
+            default ``pack_lanes``.
 
-    Yields blocks in tensor order. A tensor larger than ``pack_lanes`` forms
-    in-place blocks of its own, split every ``block_lanes`` elements.
+    Small tensors are gathered into packed blocks; the others are masked in
+    place, several to a block, a tensor larger than a block in pieces of
+    ``block_lanes`` elements. Every element is in exactly one segment; blocks
+    come out in no particular order, which the keyed masks do not depend on.
     """
+    if small_lanes is None:
+        small_lanes = pack_lanes
+    small_lanes = min(small_lanes, pack_lanes)
     pack: list[Segment] = []
-    pack_total = 0
+    group: list[Segment] = []
+    pack_total = group_total = 0
     # Runs once per tensor per step, so it avoids every avoidable call.
     make = Segment._make
     for tensor, key, start in tensors:
@@ -266,7 +276,7 @@ def iter_blocks(
             continue
         # 1-D tensors, the usual small ones (biases, norms), need no view.
         flat = tensor if tensor.dim() == 1 else tensor.view(-1)
-        if size <= pack_lanes:
+        if size <= small_lanes:
             if pack_total + size > pack_lanes:
                 yield Block(pack, len(pack) > 1)
                 pack, pack_total = [], 0
@@ -275,8 +285,14 @@ def iter_blocks(
             continue
         for offset in range(0, size, block_lanes):
             count = min(block_lanes, size - offset)
-            piece = flat[offset : offset + count]
-            yield Block([Segment(piece, key, start + offset, count)], False)
+            if group_total + count > block_lanes:
+                yield Block(group, False)
+                group, group_total = [], 0
+            piece = flat if count == size else flat[offset : offset + count]
+            group.append(make((piece, key, start + offset, count)))
+            group_total += count
+    if group:
+        yield Block(group, False)
     if pack:
         yield Block(pack, len(pack) > 1)
 
@@ -352,10 +368,12 @@ def _dense(targets: Sequence[MaskTarget]) -> tuple[list[Tensor], list[tuple[Tens
     return dense, write_back
 
 
-def _block_sizes(device: torch.device, chunk_lanes: int) -> tuple[int, int]:
+def _block_sizes(device: torch.device, chunk_lanes: int) -> tuple[int, int, int]:
+    """Elements per in-place block, per packed block, and the largest packed tensor."""
+    small = min(chunk_lanes, _SMALL_LANES)
     if device.type == "cpu":
-        return min(chunk_lanes, _CPU_BLOCK_LANES), min(chunk_lanes, _SERIAL_LANES)
-    return chunk_lanes, chunk_lanes
+        return min(chunk_lanes, _CPU_BLOCK_LANES), min(chunk_lanes, _CPU_PACK_LANES), small
+    return chunk_lanes, chunk_lanes, small
 
 
 def _split_indexed(
@@ -424,12 +442,12 @@ def bernoulli_keyed_(
     # threshold is in [1, 65535] here, so both bounds fit in int16.
     low = threshold - _LANE_OFFSET - 1
     low_tensor = torch.tensor(low, dtype=torch.int16, device=device)
-    block_lanes, pack_lanes = _block_sizes(device, chunk_lanes)
+    block_lanes, pack_lanes, small_lanes = _block_sizes(device, chunk_lanes)
     # A block needs at most one word per two elements plus one per segment (a
     # segment may start and end in the middle of a word), and no call needs more
     # words than all of its elements.
     capacity = min(
-        max(block_lanes // 2 + 1, pack_lanes),
+        max(block_lanes // 2 + block_lanes // small_lanes + 2, pack_lanes),
         sum(t.numel() for t in dense) // 2 + len(dense) + 1,
     )
     buffers = _WordBuffers(capacity, device)
@@ -464,7 +482,7 @@ def bernoulli_keyed_(
         return lanes, positions
 
     tensors = [(t, target.key, target.start) for t, target in zip(dense, consecutive)]
-    for block in iter_blocks(tensors, block_lanes, pack_lanes):
+    for block in iter_blocks(tensors, block_lanes, pack_lanes, small_lanes):
         lanes, positions = keep_mask(block)
         if not block.packed:
             for segment, position in zip(block.segments, positions):
@@ -537,10 +555,12 @@ def gaussian_keyed_(
     noise_dtype = _noise_dtype(dtype)
     dense, write_back = _dense(consecutive)
     # Two words per element, so half as many elements per block as words.
-    block_lanes, pack_lanes = (size // 2 for size in _block_sizes(device, chunk_lanes))
+    block_lanes, pack_lanes, small_lanes = (
+        max(1, size // 2) for size in _block_sizes(device, chunk_lanes)
+    )
     buffers = _WordBuffers(2 * max(block_lanes, pack_lanes), device)
     tensors = [(t, target.key, target.start) for t, target in zip(dense, consecutive)]
-    for block in iter_blocks(tensors, block_lanes, pack_lanes):
+    for block in iter_blocks(tensors, block_lanes, pack_lanes, small_lanes):
         segments = block.segments
         words = buffers.hashed(
             [s.key for s in segments],
