@@ -52,11 +52,23 @@ def check_full_update_drop(value: Any, default_rate: object) -> bool | float:
     ``True`` borrows the current default drop rate as the skip probability, so
     it needs one: ``default_rate`` must not be ``None``.
 
+    ``numpy.bool_`` counts as a bool. An int that is not a bool is refused:
+    ``1`` would read as "skip every step", which is never what ``True`` means.
+
     Raises:
-        TypeError: ``value`` is neither a bool nor a real number.
+        TypeError: ``value`` is an int, or neither a bool nor a real number.
         ValueError: ``value`` is outside ``[0, 1]`` or NaN, or it is ``True``
             while the default drop rate is ``None``.
     """
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        value = bool(value)  # numpy.bool_ (named numpy.bool since NumPy 2)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        # An int 1 would mean "skip every step", while True means "borrow drop_rate".
+        raise TypeError(
+            f"full_update_drop must be a bool or a float in [0, 1], got int {value!r}; "
+            "pass True to skip with probability drop_rate, or a float such as "
+            f"{float(value)!r} for a fixed skip probability"
+        )
     if isinstance(value, bool):
         if value and default_rate is None:
             raise ValueError(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim import optimizer as torch_optimizer
 
 from . import _checkpoint
 from ._apply import Located, Planned, UpdateSnapshots, is_dtensor, locate, mask_all
@@ -43,6 +45,26 @@ _UNPICKLED_ATTRIBUTES = (
     "_optimizer_load_state_dict_pre_hooks",
     "_optimizer_load_state_dict_post_hooks",
 )
+
+
+@contextlib.contextmanager
+def _global_step_hooks_suspended() -> Iterator[None]:
+    """Hold back the global optimizer step hooks; restore them, and any added meanwhile."""
+    hook_dicts: tuple[dict[int, Any], ...] = (
+        torch_optimizer._global_optimizer_pre_hooks,
+        torch_optimizer._global_optimizer_post_hooks,
+    )
+    saved = [dict(hooks) for hooks in hook_dicts]
+    for hooks in hook_dicts:
+        hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, kept in zip(hook_dicts, saved):
+            added = dict(hooks)
+            hooks.clear()
+            hooks.update(kept)
+            hooks.update(added)
 
 
 def _check_rate(value: Any, argument: str) -> Rate:
@@ -521,10 +543,19 @@ class DropGrad(Optimizer):
         self.last_step_skipped = skipped
 
     def _run_wrapped_step(self, closure: Callable[[], Any] | None) -> Any:
-        """Call the wrapped optimizer's ``step`` (with ``closure`` when one is given)."""
-        if closure is None:
-            return self.optimizer.step()
-        return self.optimizer.step(closure)
+        """Call the wrapped optimizer's ``step`` (with ``closure`` when one is given).
+
+        Hooks registered globally with ``register_optimizer_step_pre_hook`` /
+        ``_post_hook`` have already fired for this training step, for the
+        DropGrad the user called: a profiler or step counter must see one step,
+        not two. They are held back for the wrapped call, whose own instance
+        hooks still fire. (Like torch's hook dictionaries, this is not meant
+        for steps running concurrently in several threads.)
+        """
+        with _global_step_hooks_suspended():
+            if closure is None:
+                return self.optimizer.step()
+            return self.optimizer.step(closure)
 
     # Under torch.compile the step runs eagerly, behind a graph break: its
     # decisions depend on Python counters that change every step, which would
@@ -592,18 +623,21 @@ class DropGrad(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer; its parameters get the default rate.
 
-        A ``'drop_rate'`` entry in the group sets the group's own rate.
+        ``'drop_rate'``, ``'target'`` and ``'granularity'`` entries in the group
+        set the group's own.
 
         Raises:
-            TypeError, ValueError: the group's ``'drop_rate'`` is not a valid rate.
+            TypeError: ``param_group`` is not a dict, or an entry has the wrong type.
+            ValueError: an entry has an invalid value.
         """
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         if "optimizer" not in self.__dict__:
             # Called by Optimizer.__init__ for its placeholder group.
-            super().add_param_group(param_group)
+            super().add_param_group(dict(param_group))
             return
-        if "drop_rate" in param_group:
-            _check_rate(param_group["drop_rate"], "param_group['drop_rate']")
-        self.optimizer.add_param_group(param_group)
+        _check_group_entries(param_group, "param_group")
+        self.optimizer.add_param_group(dict(param_group))
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus DropGrad's under ``"dropgrad"``.
@@ -641,6 +675,31 @@ class DropGrad(Optimizer):
         _checkpoint.load_state_dict(self, loaded)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def __getattr__(self, name: str) -> Any:
+        """Look up what DropGrad does not define on the wrapped optimizer.
+
+        Schedule-Free's ``train()`` / ``eval()``, ``ZeroRedundancyOptimizer``'s
+        ``consolidate_state_dict()`` and other optimizers' own methods work on
+        the wrapper. Only called when normal lookup fails. Private names do not
+        fall through: torch probes private attributes of every optimizer
+        (``_opt_called``, hook dictionaries, profiling names), and the wrapper
+        must keep its own rather than silently share the wrapped one's.
+
+        Raises:
+            AttributeError: neither DropGrad nor the wrapped optimizer has it.
+        """
+        wrapped = self.__dict__.get("optimizer")
+        if name.startswith("_") or wrapped is None:
+            # wrapped is None while unpickling or copying, before __dict__ is filled.
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        try:
+            return getattr(wrapped, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}, and neither has "
+                f"the wrapped {type(wrapped).__name__}"
+            ) from None
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in _UNPICKLED_ATTRIBUTES}

@@ -442,6 +442,12 @@ def test_bad_group_rate(rate: object, error: type, shown: str) -> None:
         (float("inf"), ValueError, r"full_update_drop must be in \[0, 1\], got inf"),
         ("yes", TypeError, r"full_update_drop must be a bool or a float .* got str 'yes'"),
         (None, TypeError, r"full_update_drop must be a bool or a float .* got NoneType None"),
+        (
+            1,
+            TypeError,
+            r"got int 1; pass True to skip with probability drop_rate, or a float such as 1.0",
+        ),
+        (0, TypeError, r"full_update_drop must be a bool or a float in \[0, 1\], got int 0"),
     ],
 )
 def test_bad_full_update_drop(value: object, error: type, match: str) -> None:
