@@ -1,8 +1,8 @@
 """DropGrad together with a learning-rate scheduler and a drop-rate scheduler.
 
-The LR scheduler is built on the base optimizer, and DropGrad wraps that same
-base optimizer. Each batch calls ``opt.step()``; each epoch ends with
-``lr_scheduler.step()``. A drop-rate scheduler passed as
+The LR scheduler is built on the optimizer whose ``step()`` the loop calls: the
+DropGrad wrapper (for the plain run, the bare optimizer). Each batch calls
+``opt.step()``; each epoch ends with ``lr_scheduler.step()``. A drop-rate scheduler passed as
 ``drop_rate_scheduler=`` is advanced by DropGrad itself, once per step.
 
 Three runs on scikit-learn's handwritten digits, all with cosine-annealed Adam,
@@ -52,9 +52,9 @@ def train(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Train once; also return the LR and drop rate that each epoch started with."""
     model = make_model(settings.seed)
-    base = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    lr_scheduler = CosineAnnealingLR(base, T_max=settings.epochs)
-    opt = wrap(base)
+    opt = wrap(torch.optim.Adam(model.parameters(), lr=LEARNING_RATE))
+    # Built on the object the loop steps, as frameworks such as Lightning require.
+    lr_scheduler = CosineAnnealingLR(opt, T_max=settings.epochs)
     order = data_order(settings.seed)
     schedule = []
     for epoch in range(settings.epochs):
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print("Schedules of the last run (LR per epoch, drop rate per step):")
     print_schedule(schedule)
     print(
-        "Shows: an LR scheduler on the base optimizer and a drop-rate scheduler inside "
+        "Shows: an LR scheduler on the DropGrad wrapper and a drop-rate scheduler inside "
         "DropGrad work side by side."
     )
     results["schedule"] = schedule

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import schedulefree  # a plain import: CI installs it, and a skip would hide a gap
 import torch
 from torch import nn
 from torch.optim import optimizer as torch_optimizer
@@ -60,7 +61,6 @@ def test_numpy_bool_is_a_bool_for_full_update_drop() -> None:
 
 
 def test_schedule_free_train_and_eval_pass_through() -> None:
-    schedulefree = pytest.importorskip("schedulefree")
     torch.manual_seed(0)
     model = nn.Linear(5, 1)
     opt = DropGrad(schedulefree.AdamWScheduleFree(model.parameters(), lr=1e-2), drop_rate=0.1)
