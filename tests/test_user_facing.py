@@ -177,3 +177,11 @@ def test_every_public_name_is_in_the_api_reference() -> None:
     reference = (REPO_ROOT / "docs" / "api.md").read_text()
     documented = set(re.findall(r"^::: dropgrad\.(\w+)", reference, re.MULTILINE))
     assert set(dropgrad.__all__) - {"__version__"} <= documented
+
+
+def test_citation_and_changelog_name_the_package_version() -> None:
+    citation = (REPO_ROOT / "CITATION.cff").read_text()
+    assert re.search(rf"^version: {re.escape(dropgrad.__version__)}$", citation, re.M)
+    changelog = (REPO_ROOT / "CHANGELOG.md").read_text()
+    first_entry = re.search(r"^## (\S+)$", changelog, re.M)
+    assert first_entry is not None and first_entry.group(1) == dropgrad.__version__
