@@ -378,7 +378,8 @@ class DropGrad(Optimizer):
         """Every distinct scheduler in use, in a fixed order: default, groups, parameters."""
         candidates: list[Any] = [self._default_rate]
         candidates += [group.get("drop_rate") for group in self.param_groups]
-        candidates += [self._param_rates.get(p) for p in self._all_params()]
+        if self._param_rates:  # a walk over every parameter, needed only when some have rates
+            candidates += [self._param_rates.get(p) for p in self._all_params()]
         unique: dict[int, DropRateScheduler] = {}
         for rate in candidates:
             if isinstance(rate, DropRateScheduler):
