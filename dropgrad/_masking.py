@@ -82,6 +82,9 @@ _CPU_PACK_LANES = 1 << 17
 # between the passes over them.
 _CPU_BLOCK_LANES = 1 << 18
 _MASK32 = (1 << 32) - 1
+# Up to this many runs in one block, their hash inputs are written run by run;
+# beyond it, by one pass with the run constants repeated (see _WordBuffers.hashed).
+_LOOPED_RUNS = 16
 
 
 def quantize_rate(rate: float) -> tuple[int, float]:
@@ -297,11 +300,28 @@ def iter_blocks(
         yield Block(pack, len(pack) > 1)
 
 
+_IOTAS: dict[torch.device, Tensor] = {}
+
+
+def _iota(capacity: int, device: torch.device) -> Tensor:
+    """``arange(capacity)`` as int32, kept between steps (read only).
+
+    Built once per device rather than every step: a fresh ``arange`` of a
+    block's length is a parallel op, and waiting for torch's thread pool costs
+    milliseconds per step when other processes (data loaders) keep the cores busy.
+    """
+    iota = _IOTAS.get(device)
+    if iota is None or iota.numel() < capacity:
+        iota = torch.arange(capacity, dtype=torch.int32, device=device)
+        _IOTAS[device] = iota
+    return iota[:capacity]
+
+
 class _WordBuffers:
     """Reused int32 buffers for one call: an iota, the words and their scratch."""
 
     def __init__(self, capacity: int, device: torch.device) -> None:
-        self.iota = torch.arange(capacity, dtype=torch.int32, device=device)
+        self.iota = _iota(capacity, device)
         self.words = torch.empty(capacity, dtype=torch.int32, device=device)
         self.scratch = torch.empty(capacity, dtype=torch.int32, device=device)
 
@@ -319,10 +339,15 @@ class _WordBuffers:
         total = sum(counts)
         words = self.words[:total]
         iota = self.iota[:total]
-        if len(keys) == 1:
-            key = keys[0]
-            torch.mul(iota, key.multiplier, out=words)
-            words.add_(key.start(firsts[0]))
+        if len(keys) <= _LOOPED_RUNS:
+            # A few runs (large tensors sharing a block): two scalar ops per run
+            # cost less than repeating the run constants over the whole block.
+            at = 0
+            for key, first, count in zip(keys, firsts, counts):
+                run = words[at : at + count]
+                torch.mul(iota[:count], key.multiplier, out=run)
+                run.add_(key.start(first))
+                at += count
             return hash_words_(words, self.scratch[:total])
         device = words.device
         repeats = torch.tensor(counts, device=device)

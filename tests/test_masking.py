@@ -490,3 +490,25 @@ def test_fast_kernels_hold_chunk_sized_temporaries() -> None:
     }
     peaks = {name: peak_temporary_bytes(run) for name, run in runs.items()}
     assert all(0 < peak <= MEMORY_BOUND for peak in peaks.values()), peaks
+
+
+@pytest.mark.parametrize("count", [1, 3, 16, 17, 40, 300])
+@pytest.mark.parametrize("largest", [3_000, 60_000])
+def test_blocks_with_few_or_many_runs_match_the_reference(count: int, largest: int) -> None:
+    """A block's hash inputs are written run by run for up to 16 runs and with repeated
+    run constants beyond; both ways must give the reference's masks, at odd offsets."""
+    sizes = torch.randint(1, largest, (count,), generator=torch.Generator().manual_seed(count))
+    tensors = [torch.randn(int(size)) for size in sizes]
+    fast = [t.clone() for t in tensors]
+    reference = [t.clone() for t in tensors]
+
+    def targets(values: list[torch.Tensor]) -> list[MaskTarget]:
+        return [
+            MaskTarget(v, stream_key(11, MASK_DOMAIN, 4, i), 3 * i + 1)
+            for i, v in enumerate(values)
+        ]
+
+    bernoulli_keyed_(targets(fast), 0.3)
+    bernoulli_reference_(targets(reference), 0.3)
+    for got, want in zip(fast, reference):
+        assert torch.equal(got, want)
