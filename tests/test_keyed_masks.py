@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -326,7 +327,7 @@ def test_functional_keyed_form_argument_errors() -> None:
 
 def test_non_tensors_are_refused_with_a_type_error() -> None:
     for function, name in ((drop_grad, "drop_grad"), (drop_grad_, "drop_grad_")):
-        for value in ([1.0], 1.0, None):
+        for value in ([1.0], 1.0, None, np.ones(3)):
             with pytest.raises(TypeError, match=f"^{name}: tensor must be a torch.Tensor, got"):
                 function(value, 0.5)  # type: ignore[arg-type]
 
