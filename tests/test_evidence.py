@@ -183,6 +183,42 @@ def test_label_noise_run_reports_memorization():
     assert 0.0 <= final["noisy_true"] <= 1.0 - final["memorized"] + 1e-9
 
 
+def _tiny_lm_config():
+    from benchmarks.evidence import language_model
+
+    return {**language_model.QUICK, "steps": 4, "eval_every": 2, "val_chars": 500}
+
+
+def test_masking_runs_the_language_model_with_either_optimizer_and_target():
+    from benchmarks.evidence import language_model
+
+    config = {**masking.QUICK, "lm": _tiny_lm_config(), "lm_seeds": 1}
+    jobs = {
+        (j["setting"], j["arm"]): j
+        for j in masking.plan(config, [])
+        if j["setting"] in masking.LM_SETTINGS
+    }
+    assert len(jobs) == len(masking.LM_SETTINGS) * len(masking.arms(config))
+    sgd = jobs[("lm_sgd_momentum", "update_row")]
+    assert sgd["regularizer"]["optimizer"] == "sgd" and sgd["regularizer"]["momentum"] == 0.9
+    final = masking.run(sgd)["final"]
+    assert final["min_val_loss"] > 0 and final["rise_after_min"] >= 0
+    # Experiment 5's Adam, gradient, element arm is experiment 6's DropGrad 0.2, run for run.
+    ours = masking.run(jobs[("lm_adam", "gradient_element")])
+    theirs = language_model.run(
+        language_model.job("language_model", "x", "y", 0, {"drop_rate": 0.2}, config["lm"])
+    )
+    assert ours == theirs
+
+
+def test_the_learning_rate_control_of_the_language_model_shrinks_adams_step():
+    from benchmarks.evidence import language_model
+
+    spec = language_model.ARMS["adam_lr_matched_0.2"]
+    assert spec["lr_scale"] == pytest.approx(0.8**0.5)
+    assert ("dropgrad_0.2", "adam_lr_matched_0.2") in language_model.PAIRS
+
+
 # ------------------------------------------------------------------ end to end
 
 
@@ -354,10 +390,22 @@ def test_committed_interval_figures_label_each_comparison_with_its_own_arm():
         expected = {meta_learning.LABELS[r["arm"]]: _interval(r, 100) for r in rows}
         panel = record["meta_learning.png"][f"{setting}: Δ meta-test accuracy"]
         _assert_interval_panel(panel, expected)
-    for setting, title in masking.SETTING_LABELS.items():
+    for setting in masking.SETTINGS:
+        title = masking.SETTING_LABELS[setting]
         rows = [r for r in _comparisons("masking", "test_acc") if r["setting"] == setting]
         expected = {masking.label(r["arm"], meta["config"]): _interval(r, 100) for r in rows}
         _assert_interval_panel(record["masking.png"][f"{title}: Δ held-out accuracy"], expected)
+    from benchmarks.evidence import language_model
+
+    lm_panels = record["masking_language_model.png"]
+    assert len(lm_panels) == len(masking.LM_SETTINGS) * 2
+    for setting in masking.LM_SETTINGS:
+        for endpoint in (language_model.MIN_VAL, language_model.RISE):
+            rows = [r for r in _comparisons("masking", endpoint.metric) if r["setting"] == setting]
+            assert len(rows) == len(masking.arms(meta["config"])) - 1
+            expected = {masking.label(r["arm"], meta["config"]): _interval(r, 1) for r in rows}
+            title = f"{masking.SETTING_LABELS[setting]}: Δ {endpoint.label}"
+            _assert_interval_panel(lm_panels[title], expected)
     expected = {
         f"{tuned.SETTING_LABELS[r['setting']]}: {tuned.LABELS[r['arm']]}": _interval(r, 100)
         for r in _comparisons("tuned", "test_acc")
@@ -427,6 +475,19 @@ def test_committed_runs_are_complete():
     ]
     config = json.loads((COMMITTED / "tuned" / "meta.json").read_text())["config"]
     assert len(final) == len(config["settings"]) * len(tuned.STRENGTHS) * config["seeds"]
+    config = json.loads((COMMITTED / "masking" / "meta.json").read_text())["config"]
+    masking_runs = json.loads((COMMITTED / "masking" / "runs.json").read_text())
+    n_arms = len(masking.arms(config))
+    assert len(masking_runs) == (
+        len(masking.SETTINGS) * n_arms * config["seeds"]
+        + len(masking.LM_SETTINGS) * n_arms * config["lm_seeds"]
+        + len(config["lm_lr_candidates"]) * len(config["lm_lr_check_seeds"])
+    )
+    from benchmarks.evidence import language_model
+
+    config = json.loads((COMMITTED / "language_model" / "meta.json").read_text())["config"]
+    lm_runs = json.loads((COMMITTED / "language_model" / "runs.json").read_text())
+    assert len(lm_runs) == len(language_model.ARMS) * config["seeds"]
 
 
 # ------------------------------------------------------------------ figure check

@@ -8,10 +8,15 @@ Examples::
     python -m benchmarks.evidence --experiments meta_learning motion --jobs 2
     python -m benchmarks.evidence --experiments tuned --resume --jobs 2  # finish a cut-off run
 
-Cost of the full run: 1,510 training runs whose durations sum to 3,749 CPU-seconds on a 2-core
-Intel Xeon (the ``cpu_seconds_in_runs`` of the committed ``meta.json`` files). Each run uses
-one thread, so ``--jobs 2`` takes about half of that, about 32 minutes on 2 cores, within the
-45-minute budget; ``--jobs 1`` takes about 63 minutes. ``--quick`` takes about 10 seconds.
+Cost of the full run: 1,688 training runs whose recorded durations sum to 4,470 CPU-seconds
+on a 2-core Intel Xeon (the ``cpu_seconds_in_runs`` of the committed ``meta.json`` files).
+Each run uses one thread, so ``--jobs 2`` takes about half of that, about 37 minutes, and
+``--jobs 1`` about 75 minutes. The durations were recorded at two machine speeds: the 178
+language-model runs added last (experiment 5's GRU settings, experiment 6's learning-rate
+control) took 4.1 s each, while experiment 6's first 40 runs of the same model had taken
+13.9 s. At the earlier speed the full run is about 6,200 CPU-seconds, about 52 minutes with
+``--jobs 2`` (over a 45-minute budget); at the later speed about 1,800, about 15 minutes.
+``--quick`` takes about 15 seconds.
 """
 
 from __future__ import annotations
@@ -103,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             config = json.loads(json.dumps(module.QUICK if args.quick else module.FULL))
             if args.seeds is not None:
                 config["seeds"] = args.seeds
+                if "lm_seeds" in config:  # experiment 5's language-model settings
+                    config["lm_seeds"] = args.seeds
             names.append(name)
             configs[name] = config
         if names:

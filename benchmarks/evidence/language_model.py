@@ -11,7 +11,11 @@ Setting (pre-declared)
     window) and so is the whole training text.
 
 Arms
-    ``none``; Dropout 0.2 on the GRU outputs; DropGrad at 0.1 and 0.2.
+    ``none``; Dropout 0.2 on the GRU outputs; DropGrad at 0.1 and 0.2; and Adam at
+    0.003 × √(1 − 0.2), the step shrink DropGrad 0.2 causes under Adam (experiment 2 found
+    DropGrad at 0.4 equivalent to Adam at lr × √0.6). This control was added after the
+    first four arms had run; it asks whether DropGrad's smaller rise after the minimum is
+    more than the slower fitting of a smaller step.
 
 Pairing
     The split is the same for every run; a seed fixes the initial weights, the windows and
@@ -21,7 +25,11 @@ Endpoints (pre-declared)
     Primary: the minimum validation loss (nats per character) over the evaluations, lower
     is better, margin ±0.01 nats (1% in perplexity). Secondary: the rise after the minimum
     (final minus minimum validation loss; smaller means less overfitting), margin ±0.01.
-    Each arm is compared with ``none``.
+    Each arm is compared with ``none``, and DropGrad 0.2 with the learning-rate control.
+
+Experiment 5 (``masking``) runs this model too, with its own optimizer and DropGrad
+arguments: :func:`run` reads ``optimizer``, ``lr``, ``momentum`` and ``dropgrad`` from the
+job's ``regularizer`` when they are there.
 """
 
 from __future__ import annotations
@@ -59,13 +67,17 @@ ARMS: dict[str, dict[str, Any]] = {
     "dropout_0.2": {"dropout": 0.2},
     "dropgrad_0.1": {"drop_rate": 0.1},
     "dropgrad_0.2": {"drop_rate": 0.2},
+    "adam_lr_matched_0.2": {"lr_scale": math.sqrt(1 - 0.2)},
 }
 LABELS = {
     "none": "none",
     "dropout_0.2": "Dropout 0.2",
     "dropgrad_0.1": "DropGrad 0.1",
     "dropgrad_0.2": "DropGrad 0.2",
+    "adam_lr_matched_0.2": "Adam, lr × √(1 − 0.2)",
 }
+#: ``(arm, reference)``: every arm against none, and DropGrad 0.2 against its step shrink.
+PAIRS = [(arm, "none") for arm in ARMS if arm != "none"] + [("dropgrad_0.2", "adam_lr_matched_0.2")]
 SETTING = "char_gru"
 MIN_VAL = report.Endpoint(
     "min_val_loss",
@@ -83,18 +95,25 @@ RISE = report.Endpoint(
 )
 
 
+def job(
+    experiment: str, setting: str, arm: str, seed: int, spec: dict[str, Any], config: dict[str, Any]
+) -> dict[str, Any]:
+    """A runner job that trains the GRU of ``config`` with the arm's ``spec``."""
+    return {
+        "experiment": experiment,
+        "id": f"{setting}/{arm}/{seed:03d}",
+        "setting": setting,
+        "arm": arm,
+        "seed": seed,
+        "regularizer": spec,
+        "config": config,
+        "cost": 10.0 * config["steps"],
+    }
+
+
 def plan(config: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
-        {
-            "experiment": "language_model",
-            "id": f"{SETTING}/{arm}/{seed:03d}",
-            "setting": SETTING,
-            "arm": arm,
-            "seed": seed,
-            "regularizer": spec,
-            "config": config,
-            "cost": 10.0 * config["steps"],
-        }
+        job("language_model", SETTING, arm, seed, spec, config)
         for arm, spec in ARMS.items()
         for seed in range(config["seeds"])
     ]
@@ -131,11 +150,19 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     model = models.CharGRU(
         split.vocabulary_size, config["embed"], config["hidden"], reg.get("dropout", 0.0)
     )
-    optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    if reg.get("drop_rate"):
+    lr = reg.get("lr", config["lr"]) * reg.get("lr_scale", 1.0)
+    optimizer: torch.optim.Optimizer
+    if reg.get("optimizer", "adam") == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=reg.get("momentum", 0.0))
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    dropgrad = reg.get("dropgrad") or (
+        {"drop_rate": reg["drop_rate"]} if "drop_rate" in reg else None
+    )
+    if dropgrad:
         from dropgrad import DropGrad
 
-        optimizer = DropGrad(optimizer, drop_rate=reg["drop_rate"], seed=seed)
+        optimizer = DropGrad(optimizer, **dropgrad, seed=seed)
     windows = torch.Generator().manual_seed(seed)
     seq_len, train = config["seq_len"], split.train
     curves: dict[str, list[float]] = {"step": [], "train_loss": [], "val_loss": []}
@@ -170,7 +197,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
 def summarize(runs: list[dict[str, Any]], config: dict[str, Any]) -> tuple[list[dict], list[str]]:
     rows: list[dict[str, Any]] = []
-    pairs = [(SETTING, arm, "none") for arm in ARMS if arm != "none"]
+    pairs = [(SETTING, arm, reference) for arm, reference in PAIRS]
     lines = [
         "## Experiment 6: character-level GRU on an in-domain split of pydoc_data.topics",
         "",
@@ -178,7 +205,9 @@ def summarize(runs: list[dict[str, Any]], config: dict[str, Any]) -> tuple[list[
     for endpoint in (MIN_VAL, RISE):
         comparisons = report.compare_family(runs, endpoint, pairs)
         table = report.by_seed(runs, endpoint, SETTING)
-        arm_rows = [report.arm_row(SETTING, arm, *table[arm], endpoint) for arm in ARMS]
+        arm_rows = [
+            report.arm_row(SETTING, arm, *table[arm], endpoint) for arm in ARMS if arm in table
+        ]
         rows += [{"kind": "arm", **row} for row in arm_rows]
         rows += report.comparison_rows(comparisons)
         lines += [report.endpoint_note(endpoint, len(comparisons)), ""]
@@ -190,6 +219,8 @@ def summarize(runs: list[dict[str, Any]], config: dict[str, Any]) -> tuple[list[
     ]
     for arm in ARMS:
         mine = [r["final"] for r in runs if r["arm"] == arm]
+        if not mine:
+            continue
         steps = [f["min_step"] for f in mine]
         val_mean, val_std = stats.mean_std([f["final_val_loss"] for f in mine])
         lines.append(
