@@ -8,15 +8,10 @@ Examples::
     python -m benchmarks.evidence --experiments meta_learning motion --jobs 2
     python -m benchmarks.evidence --experiments tuned --resume --jobs 2  # finish a cut-off run
 
-Cost of the full run: 1,688 training runs whose recorded durations sum to 4,470 CPU-seconds
-on a 2-core Intel Xeon (the ``cpu_seconds_in_runs`` of the committed ``meta.json`` files).
-Each run uses one thread, so ``--jobs 2`` takes about half of that, about 37 minutes, and
-``--jobs 1`` about 75 minutes. The durations were recorded at two machine speeds: the 178
-language-model runs added last (experiment 5's GRU settings, experiment 6's learning-rate
-control) took 4.1 s each, while experiment 6's first 40 runs of the same model had taken
-13.9 s. At the earlier speed the full run is about 6,200 CPU-seconds, about 52 minutes with
-``--jobs 2`` (over a 45-minute budget); at the later speed about 1,800, about 15 minutes.
-``--quick`` takes about 15 seconds.
+Cost of the full run: 1,688 training runs. On a 2-core Intel Xeon, ``--jobs 2`` took
+1,135 s of wall time (19 minutes) for 2,261 CPU-seconds of runs (the ``cpu_seconds_in_runs``
+of the committed ``meta.json`` files); each run uses one thread, so ``--jobs 1`` takes about
+38 minutes. ``--quick`` takes about 15 seconds.
 """
 
 from __future__ import annotations
