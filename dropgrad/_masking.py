@@ -22,7 +22,8 @@ float64), giving the multiplier ``1 + z * sqrt(p / (1 - p))``.
 into blocks: tensors larger than a block are masked in place block by block,
 runs of small tensors are packed into one buffer so a thousand small gradients
 cost a handful of ops. Each block's hash inputs are built for all of its
-segments at once (one multiply and one add, whatever the number of segments),
+segments at once (a packed block's layout, which repeats every step, is kept
+between steps, so that takes four ops whatever the number of segments),
 hashed with eleven integer ops, and handed to a per-block operation: the
 Bernoulli mask or the Gaussian multiplier. Temporaries stay bounded by the
 block size whatever the parameter size, and the result does not depend on how
@@ -324,6 +325,7 @@ class _WordBuffers:
         self.iota = _iota(capacity, device)
         self.words = torch.empty(capacity, dtype=torch.int32, device=device)
         self.scratch = torch.empty(capacity, dtype=torch.int32, device=device)
+        self.base = torch.empty((), dtype=torch.int32, device=device)
 
     def hashed(
         self, keys: Sequence[StreamKey], firsts: Sequence[int], counts: Sequence[int]
@@ -332,50 +334,66 @@ class _WordBuffers:
         ``firsts[j] .. firsts[j] + counts[j] - 1`` of stream ``keys[j]``.
 
         The hash input of position ``q`` in run ``j`` (which starts at ``c_j`` in
-        the buffer) is ``b_j + a_j * (first_j + q - c_j)``, that is
-        ``a_j * q + (b_j + a_j * (first_j - c_j))``: one multiply and one add
-        over the whole buffer, with the per-run constants repeated.
+        the buffer) is ``b_j + a_j * (first_j + q - c_j)`` modulo ``2**32``.
         """
         total = sum(counts)
         words = self.words[:total]
         iota = self.iota[:total]
         if len(keys) <= _LOOPED_RUNS:
-            # A few runs (large tensors sharing a block): two scalar ops per run
-            # cost less than repeating the run constants over the whole block.
+            # A few runs (large tensors sharing a block): one op per run, the
+            # run's first input plus a_j times the iota, costs less than
+            # repeating the run constants over the whole block.
             at = 0
             for key, first, count in zip(keys, firsts, counts):
-                run = words[at : at + count]
-                torch.mul(iota[:count], key.multiplier, out=run)
-                run.add_(key.start(first))
+                self.base.fill_(key.start(first))
+                torch.add(self.base, iota[:count], alpha=key.multiplier, out=words[at : at + count])
                 at += count
             return hash_words_(words, self.scratch[:total])
-        device = words.device
-        repeats = torch.tensor(counts, device=device)
-        # The run constants, computed for all runs at once in int64: products of
-        # two values below 2**32 wrap past 2**63, but their low 32 bits, all
-        # that is kept, are exact.
-        constants = torch.tensor(keys, dtype=torch.int64, device=device)
-        cursor = repeats.cumsum(0) - repeats
-        shift = torch.tensor(firsts, dtype=torch.int64, device=device).sub_(cursor)
-        shift.bitwise_and_(_MASK32).mul_(constants[:, 0]).add_(constants[:, 1])
-        torch.mul(iota, _repeat_runs(constants[:, 0], cursor, total), out=words)
-        words.add_(_repeat_runs(shift, cursor, total))
-        return hash_words_(words, self.scratch[:total])
+        # Many runs (packed small tensors): the hash input of position q in run j
+        # is a_j * local[q] + b_j, where local[q] = first_j + q - c_j and the run
+        # of each position depend only on the layout, which repeats every step.
+        run, local = _run_layout(firsts, counts, total, words.device)
+        multipliers = torch.tensor([key.multiplier for key in keys], dtype=torch.int32)
+        offsets = torch.tensor([key.start(0) for key in keys], dtype=torch.int32)
+        scratch = self.scratch[:total]
+        torch.index_select(multipliers.to(words.device), 0, run, out=words)
+        words.mul_(local)
+        torch.index_select(offsets.to(words.device), 0, run, out=scratch)
+        words.add_(scratch)
+        return hash_words_(words, scratch)
 
 
-def _repeat_runs(values: Tensor, starts: Tensor, total: int) -> Tensor:
-    """``values[j]`` repeated over positions ``starts[j] .. starts[j + 1] - 1``, as int32.
+# Layouts of packed blocks, kept between steps: (device, firsts, counts) -> (run, local).
+# A model's packed blocks are the same every step, so after the first step each
+# block's layout is a dictionary lookup. Bounded in bytes; beyond the bound,
+# layouts are built every time.
+_LAYOUTS: dict[tuple[torch.device, tuple[int, ...], tuple[int, ...]], tuple[Tensor, Tensor]] = {}
+_LAYOUT_BYTES = 8 << 20  # 4 bytes per packed element: 2M elements of small tensors
+_layout_bytes = 0
 
-    Written as a cumulative sum of the steps between consecutive values, placed
-    at the run starts: ``repeat_interleave`` would do the same, but it wakes
-    torch's thread pool even for a few elements, which costs milliseconds when
-    the cores are busy. int64 to int32 keeps the low 32 bits: the value modulo
-    ``2**32``, which is all the hash inputs use.
-    """
-    steps = torch.diff(values, prepend=values.new_zeros(1))
-    repeated = torch.zeros(total, dtype=torch.int64, device=values.device)
-    repeated.index_put_((starts,), steps)
-    return repeated.cumsum_(0).to(torch.int32)
+
+def _run_layout(
+    firsts: Sequence[int], counts: Sequence[int], total: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """For each position of a block of runs: its run (int32) and the word index it
+    hashes relative to ``b_j`` (int32, modulo ``2**32``): ``first_j + q - c_j``."""
+    global _layout_bytes
+    signature = (device, tuple(firsts), tuple(counts))
+    layout = _LAYOUTS.get(signature)
+    if layout is not None:
+        return layout
+    repeats = torch.tensor(counts, dtype=torch.int64)
+    run = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int64), repeats)
+    cursor = repeats.cumsum(0) - repeats
+    shift = torch.tensor(firsts, dtype=torch.int64).sub_(cursor)
+    local = torch.arange(total, dtype=torch.int64).add_(shift[run])
+    # The same value modulo 2**32, as a signed int32.
+    local.add_(1 << 31).bitwise_and_(_MASK32).sub_(1 << 31)
+    layout = (run.to(device=device, dtype=torch.int32), local.to(device=device, dtype=torch.int32))
+    if _layout_bytes + 8 * total <= _LAYOUT_BYTES:
+        _LAYOUTS[signature] = layout
+        _layout_bytes += 8 * total
+    return layout
 
 
 def _dense(targets: Sequence[MaskTarget]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:

@@ -512,3 +512,40 @@ def test_blocks_with_few_or_many_runs_match_the_reference(count: int, largest: i
     bernoulli_reference_(targets(reference), 0.3)
     for got, want in zip(fast, reference):
         assert torch.equal(got, want)
+
+
+def test_packed_layouts_are_kept_between_steps_within_their_memory_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A packed block's layout is built once and reused with the next step's keys; with
+    no room left for layouts they are built every time. Both give the reference's masks."""
+    sizes = torch.randint(1, 3_000, (40,), generator=torch.Generator().manual_seed(5))
+    tensors = [torch.randn(int(size)) for size in sizes]
+
+    def masked_pair(step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        fast = [t.clone() for t in tensors]
+        reference = [t.clone() for t in tensors]
+        for values, kernel in ((fast, bernoulli_keyed_), (reference, bernoulli_reference_)):
+            kernel(
+                [
+                    MaskTarget(v, stream_key(3, MASK_DOMAIN, step, i), 7 * i)
+                    for i, v in enumerate(values)
+                ],
+                0.4,
+            )
+        return fast, reference
+
+    monkeypatch.setattr(masking, "_LAYOUTS", {})
+    monkeypatch.setattr(masking, "_layout_bytes", 0)
+    for step in range(3):
+        fast, reference = masked_pair(step)
+        assert all(torch.equal(f, r) for f, r in zip(fast, reference))
+        assert len(masking._LAYOUTS) == 1  # one packed block, its layout built at step 0
+    assert masking._layout_bytes == 8 * len(masking._LAYOUTS[next(iter(masking._LAYOUTS))][0])
+
+    monkeypatch.setattr(masking, "_LAYOUTS", {})
+    monkeypatch.setattr(masking, "_layout_bytes", 0)
+    monkeypatch.setattr(masking, "_LAYOUT_BYTES", 0)
+    fast, reference = masked_pair(4)
+    assert all(torch.equal(f, r) for f, r in zip(fast, reference))
+    assert masking._LAYOUTS == {}
