@@ -25,19 +25,21 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 import torch
 from torch import Tensor
 
 from ._masking import (
+    KeyColumn,
     MaskTarget,
+    bernoulli_columns_,
     bernoulli_keyed_,
     bernoulli_reference_,
     gaussian_keyed_,
     gaussian_reference_,
 )
-from ._random import GAUSSIAN_DOMAIN, MASK_DOMAIN, stream_keys
+from ._random import GAUSSIAN_DOMAIN, MASK_DOMAIN, stream_key_table
 from .functional import sparse_value_index
 
 if TYPE_CHECKING:
@@ -79,7 +81,8 @@ class Located:
         first_row: global dim-0 index of ``values``' first row when its rows
             are consecutive; ``row_index`` is ``None`` then.
         row_index: global dim-0 index of every element's row otherwise.
-        rows: number of rows ``values`` spans (its size along dim 0; 1 for 0-d).
+        rows: number of rows ``values`` spans; -1 (the default) for ``values``'
+            own size along dim 0 (1 for 0-d), see :meth:`row_count`.
     """
 
     values: Tensor
@@ -87,7 +90,12 @@ class Located:
     index: Tensor | None = None
     first_row: int = 0
     row_index: Tensor | None = None
-    rows: int = 1
+    rows: int = -1
+
+    def row_count(self) -> int:
+        if self.rows >= 0:
+            return self.rows
+        return self.values.shape[0] if self.values.dim() else 1
 
 
 def is_dtensor(tensor: Tensor) -> TypeGuard[DTensor]:
@@ -123,6 +131,8 @@ def locate(tensor: Tensor) -> Located:
 
     A sparse COO tensor must be coalesced; its values are returned.
     """
+    if type(tensor) is Tensor and not tensor.is_sparse:  # the usual case, first and cheap
+        return Located(tensor)
     if tensor.is_sparse:
         values = tensor._values()
         index = sparse_value_index(tensor)
@@ -145,7 +155,7 @@ def locate(tensor: Tensor) -> Located:
         index = _dense_index(local_shape, offset, global_shape, local.device)
         row_stride = math.prod(global_shape[1:])
         return Located(local, index=index, row_index=index // row_stride, rows=rows)
-    return Located(tensor, rows=tensor.shape[0] if tensor.dim() else 1)
+    return Located(tensor)
 
 
 def _kernel(distribution: str, implementation: str) -> Kernel:
@@ -183,7 +193,7 @@ def _row_targets(
     if located.row_index is not None:
         ones = torch.ones(located.row_index.shape, dtype=noise_dtype, device=device)
         return MaskTarget(ones, key, index=located.row_index), False
-    ones = torch.ones(located.rows, dtype=noise_dtype, device=device)
+    ones = torch.ones(located.row_count(), dtype=noise_dtype, device=device)
     return MaskTarget(ones, key, located.first_row), False
 
 
@@ -209,24 +219,36 @@ def mask_all(
     """
     kernel = _kernel(distribution, implementation)
     bernoulli = distribution == "bernoulli"
-    buckets: dict[tuple[torch.device, torch.dtype, float], list[MaskTarget]] = {}
-    unmasked: list[Tensor] = []
+    if scale != 1.0:
+        unmasked = [located.values for plan, located in entries if not plan.rate]
+        if unmasked:
+            torch._foreach_mul_(unmasked, scale)
     masked = [(plan, located) for plan, located in entries if plan.rate]
+    if not masked:
+        return
     domain = GAUSSIAN_DOMAIN if distribution == "gaussian" else MASK_DOMAIN
-    keys = stream_keys(seed, domain, step, [plan.index for plan, _ in masked])
-    for plan, located in entries:
-        if not plan.rate and scale != 1.0:
-            unmasked.append(located.values)
-    for (plan, located), key in zip(masked, keys):
+    table = stream_key_table(seed, domain, step, [plan.index for plan, _ in masked])
+    keys = KeyColumn.from_table(table)
+    # Element masks are bucketed by (device, dtype, rate), one kernel call each; a
+    # bucket holds its tensors, their first global indices, their index tensors
+    # (None when consecutive) and their rows of the key table.
+    buckets: dict[tuple[torch.device, torch.dtype, float], _Bucket] = {}
+    for row, (plan, located) in enumerate(masked):
         values = located.values
         rate = plan.rate or 0.0  # positive here; the fallback only narrows the type
         if plan.granularity == "element" or (plan.granularity == "row" and values.dim() <= 1):
-            target = MaskTarget(values, key, located.start, located.index)
-            buckets.setdefault((values.device, values.dtype, rate), []).append(target)
+            where = (values.device, values.dtype, rate)
+            bucket = buckets.get(where)
+            if bucket is None:
+                bucket = buckets[where] = _Bucket([], [], [], [])
+            bucket.values.append(values)
+            bucket.starts.append(located.start)
+            bucket.indices.append(located.index)
+            bucket.rows.append(row)
             continue
         if values.numel() == 0:
             continue
-        ones, whole = _row_targets(located, key, plan.granularity, values.dtype)
+        ones, whole = _row_targets(located, keys.key(row), plan.granularity, values.dtype)
         kernel([ones], rate, scale)
         if whole:
             multiplier = float(ones.values[0])
@@ -236,10 +258,27 @@ def mask_all(
                 values.mul_(multiplier)
         else:
             _apply_rows_(located, ones.values, bernoulli)
-    if unmasked:
-        torch._foreach_mul_(unmasked, scale)
-    for (_, _, rate), targets in buckets.items():
+    for (_, _, rate), bucket in buckets.items():
+        # Rows are appended in increasing order, so a bucket as long as the
+        # table holds every row, in order.
+        own = keys if len(bucket.rows) == len(table) else KeyColumn.from_table(table[bucket.rows])
+        if kernel is bernoulli_keyed_ and all(index is None for index in bucket.indices):
+            bernoulli_columns_(bucket.values, bucket.starts, own, rate, scale)
+            continue
+        targets = [
+            MaskTarget(values, own.key(number), start, index)
+            for number, (values, start, index) in enumerate(
+                zip(bucket.values, bucket.starts, bucket.indices)
+            )
+        ]
         kernel(targets, rate, scale)
+
+
+class _Bucket(NamedTuple):
+    values: list[Tensor]
+    starts: list[int]
+    indices: list[Tensor | None]
+    rows: list[int]
 
 
 class UpdateSnapshots:

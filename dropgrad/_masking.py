@@ -43,6 +43,7 @@ stream, computed on a vector of ones and broadcast over each row.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -50,7 +51,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._random import StreamKey, hash_words_, words_reference
+from ._random import StreamKey, hash_words_, signed_int32, words_reference
 
 __all__ = [
     "CHUNK_LANES",
@@ -382,6 +383,17 @@ def _run_layout(
     layout = _LAYOUTS.get(signature)
     if layout is not None:
         return layout
+    layout = _layout_tensors(firsts, counts, total, device)
+    if _layout_bytes + 8 * total <= _LAYOUT_BYTES:
+        _LAYOUTS[signature] = layout
+        _layout_bytes += 8 * total
+    return layout
+
+
+def _layout_tensors(
+    firsts: Sequence[int], counts: Sequence[int], total: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """:func:`_run_layout`, built afresh."""
     repeats = torch.tensor(counts, dtype=torch.int64)
     run = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int64), repeats)
     cursor = repeats.cumsum(0) - repeats
@@ -389,19 +401,14 @@ def _run_layout(
     local = torch.arange(total, dtype=torch.int64).add_(shift[run])
     # The same value modulo 2**32, as a signed int32.
     local.add_(1 << 31).bitwise_and_(_MASK32).sub_(1 << 31)
-    layout = (run.to(device=device, dtype=torch.int32), local.to(device=device, dtype=torch.int32))
-    if _layout_bytes + 8 * total <= _LAYOUT_BYTES:
-        _LAYOUTS[signature] = layout
-        _layout_bytes += 8 * total
-    return layout
+    return run.to(device=device, dtype=torch.int32), local.to(device=device, dtype=torch.int32)
 
 
-def _dense(targets: Sequence[MaskTarget]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
-    """Contiguous versions of the targets' values and the copies to write back."""
+def _dense(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """Contiguous versions of ``tensors`` and the copies to write back."""
     dense: list[Tensor] = []
     write_back: list[tuple[Tensor, Tensor]] = []
-    for target in targets:
-        values = target.values
+    for values in tensors:
         if values.is_contiguous():
             dense.append(values)
         else:
@@ -432,6 +439,49 @@ def _split_indexed(
 _BITS_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+class KeyColumn:
+    """The stream keys of a list of tensors, readable one by one or as a table.
+
+    Built from :class:`StreamKey` objects (:meth:`from_keys`) or from a
+    :func:`~dropgrad._random.stream_key_table` (:meth:`from_table`), which a
+    step over many parameters produces without one Python object per key.
+    """
+
+    def __init__(self, keys: Sequence[StreamKey] | None, table: Tensor | None) -> None:
+        self._keys = keys
+        self._table = table
+        self._rows: list[list[int]] | None = None
+
+    @classmethod
+    def from_keys(cls, keys: Sequence[StreamKey]) -> KeyColumn:
+        return cls(keys, None)
+
+    @classmethod
+    def from_table(cls, table: Tensor) -> KeyColumn:
+        """``table``: int64, shape ``(n, 2)``, each row ``a, b`` of one key."""
+        return cls(None, table)
+
+    def key(self, row: int) -> StreamKey:
+        if self._keys is not None:
+            return self._keys[row]
+        if self._rows is None:
+            assert self._table is not None
+            self._rows = self._table.tolist()
+        return StreamKey._make(self._rows[row])
+
+    def signed(self, rows: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        """``a`` and ``b`` of the keys in ``rows`` (default: all, in order) as int32
+        with the same bits, on the CPU."""
+        if self._keys is not None:
+            keys = self._keys if rows is None else [self._keys[row] for row in rows]
+            table = torch.tensor(keys, dtype=torch.int64)
+        else:
+            assert self._table is not None
+            table = self._table if rows is None else self._table[list(rows)]
+        table = signed_int32(table.reshape(-1, 2))
+        return table[:, 0].contiguous(), table[:, 1].contiguous()
+
+
 def bernoulli_keyed_(
     targets: Sequence[MaskTarget],
     rate: float,
@@ -447,6 +497,40 @@ def bernoulli_keyed_(
         chunk_lanes: most elements masked by one block of ops (a positive int);
             bounds the temporaries. The result does not depend on it.
 
+    See :func:`bernoulli_columns_` for how the work is done.
+    """
+    if not targets:
+        return
+    threshold, keep_scale = quantize_rate(rate)
+    if _trivial_([t.values for t in targets], threshold, scale):
+        return
+    consecutive, indexed = _split_indexed(targets)
+    if indexed:
+        bernoulli_reference_(indexed, rate, scale)
+    if consecutive:
+        _bernoulli_consecutive_(
+            [t.values for t in consecutive],
+            [t.start for t in consecutive],
+            KeyColumn.from_keys([t.key for t in consecutive]),
+            rate,
+            scale,
+            chunk_lanes,
+        )
+
+
+def bernoulli_columns_(
+    values: Sequence[Tensor],
+    starts: Sequence[int],
+    keys: KeyColumn,
+    rate: float,
+    scale: float = 1.0,
+    chunk_lanes: int = CHUNK_LANES,
+) -> None:
+    """:func:`bernoulli_keyed_` of ``MaskTarget(values[i], keys.key(i), starts[i])``.
+
+    The form a step uses: its tensors, their first global indices and one key
+    table, with no object per tensor.
+
     On CPU ``masked_fill_`` and comparisons into bool tensors are not vectorized
     and cost more than the hash itself, so each block's lanes become an integer
     keep mask instead: clamping a lane to ``[cutoff - 1, cutoff]`` and
@@ -454,118 +538,263 @@ def bernoulli_keyed_(
     for a dropped one, with no int16 overflow. ANDing the gradient's bits with
     that mask (sign-extended to the gradient's itemsize) writes +0 exactly where
     the reference writes 0, NaN and inf included, and the survivors are then
-    scaled as in the reference. On CUDA, when Triton is available, each
-    contiguous tensor is masked by one fused kernel instead.
+    scaled as in the reference. Small tensors are copied into a packed buffer
+    and masked together (see :class:`_PackPlan`); larger ones are masked in
+    place, block by block. On CUDA, when Triton is available, each tensor is
+    masked by one fused kernel instead.
     """
-    if not targets:
-        return
+    if values and not _trivial_(values, quantize_rate(rate)[0], scale):
+        _bernoulli_consecutive_(values, starts, keys, rate, scale, chunk_lanes)
+
+
+def _bernoulli_consecutive_(
+    values: Sequence[Tensor],
+    starts: Sequence[int],
+    keys: KeyColumn,
+    rate: float,
+    scale: float,
+    chunk_lanes: int,
+) -> None:
+    """Mask tensors whose elements are consecutive in their parameters (a rate that
+    is neither trivial case of :func:`_trivial_`)."""
     threshold, keep_scale = quantize_rate(rate)
-    if _trivial_([t.values for t in targets], threshold, scale):
-        return
     factor = scale * keep_scale
-    consecutive, indexed = _split_indexed(targets)
-    if indexed:
-        bernoulli_reference_(indexed, rate, scale)
-    if not consecutive:
-        return
-    values0 = consecutive[0].values
+    values0 = values[0]
     itemsize = values0.dtype.itemsize
     if itemsize not in _BITS_DTYPES and itemsize != 16:
-        bernoulli_reference_(consecutive, rate, scale)
+        targets = [MaskTarget(v, keys.key(i), s) for i, (v, s) in enumerate(zip(values, starts))]
+        bernoulli_reference_(targets, rate, scale)
         return
-    device, dtype = values0.device, values0.dtype
-    dense, write_back = _dense(consecutive)
-    if device.type != "cpu" and _triton_masks_(dense, consecutive, threshold, factor):
-        for original, copy in write_back:
-            original.copy_(copy)
+    device = values0.device
+    if device.type != "cpu" and _triton_masks_(values, starts, keys, threshold, factor):
         return
-
-    # complex128 (16 bytes): one lane per element, clearing both 64-bit halves.
-    bits_dtype = _BITS_DTYPES.get(itemsize, torch.int64)
+    block_lanes, pack_lanes, small_lanes = _block_sizes(device, chunk_lanes)
+    numels = [v.numel() for v in values]
+    small = [i for i, n in enumerate(numels) if 0 < n <= small_lanes]
+    if len(small) < 2:  # one small tensor costs less masked in place than copied twice
+        small = []
+    chosen = set(small)
+    large = [i for i, n in enumerate(numels) if n > 0 and i not in chosen]
     # threshold is in [1, 65535] here, so both bounds fit in int16.
     low = threshold - _LANE_OFFSET - 1
     low_tensor = torch.tensor(low, dtype=torch.int16, device=device)
-    block_lanes, pack_lanes, small_lanes = _block_sizes(device, chunk_lanes)
-    # A block needs at most one word per two elements plus one per segment (a
-    # segment may start and end in the middle of a word), and no call needs more
-    # words than all of its elements.
-    capacity = min(
-        max(block_lanes // 2 + block_lanes // small_lanes + 2, pack_lanes),
-        sum(t.numel() for t in dense) // 2 + len(dense) + 1,
-    )
-    buffers = _WordBuffers(capacity, device)
-    pad = torch.zeros(1, dtype=dtype, device=device)
-    packing: Tensor | None = None
+    # complex128 (16 bytes): one lane per element, clearing both 64-bit halves.
+    bits_dtype = _BITS_DTYPES.get(itemsize, torch.int64)
+
+    def keep_lanes(words: Tensor) -> Tensor:
+        """All-ones int16 lanes where an element is kept, zero where dropped."""
+        lanes = words.view(torch.int16)
+        lanes.clamp_(low, low + 1)
+        return torch.sub(low_tensor, lanes, out=lanes)
 
     def apply_(flat: Tensor, keep: Tensor) -> None:
-        # The AND sign-extends the int16 mask to the gradient's itemsize itself;
-        # widening it in a separate pass first costs more memory traffic.
+        # The AND sign-extends the int16 mask to the gradient's itemsize itself.
         bits = flat.view(bits_dtype)
         if itemsize == 16:
             bits, keep = bits.view(-1, 2), keep.unsqueeze(1)
         bits.bitwise_and_(keep)
         flat.mul_(factor)
 
-    def keep_mask(block: Block) -> tuple[Tensor, list[int]]:
-        """All-ones int16 lanes where an element is kept, zero where dropped; and
-        the lane position of each segment's first element."""
-        keys, firsts, counts, positions = [], [], [], []
+    if small:
+        tensors = [values[i] for i in small]
+        plan = _pack_plan(tensors, [starts[i] for i in small], pack_lanes)
+        in_order = plan.in_order and len(small) == len(values)
+        multipliers, offsets = keys.signed(None if in_order else [small[j] for j in plan.order])
+        multipliers, offsets = multipliers.to(device), offsets.to(device)
+        # Word w of a tensor's stream hashes b + a * (first + w): fold the first
+        # word index into the offset, so each row of a block hashes b' + a * w.
+        offsets.add_(multipliers * plan.firsts.to(device))
+        iota = _iota(max(packed.width for packed in plan.blocks), device)
+        for packed in plan.blocks:
+            if plan.in_order:
+                members = tensors[packed.first : packed.stop]
+            else:
+                members = [tensors[j] for j in plan.order[packed.first : packed.stop]]
+            views = packed.views if packed.views is not None else _block_views(plan, packed)
+            torch._foreach_copy_(views, members)
+            count = (packed.stop - packed.first) * packed.width
+            words = plan.words[:count].view(-1, packed.width)
+            torch.mul(
+                multipliers[packed.first : packed.stop, None], iota[: packed.width], out=words
+            )
+            words.add_(offsets[packed.first : packed.stop, None])
+            words = words.view(-1)
+            lanes = keep_lanes(hash_words_(words, plan.scratch[:count]))
+            apply_(plan.buffer[: 2 * count], lanes)
+            torch._foreach_copy_(members, views)
+    if not large:
+        return
+    dense, write_back = _dense([values[i] for i in large])
+    # A block needs at most one word per two elements plus one per segment (a
+    # segment may start and end in the middle of a word), and no call needs more
+    # words than all of its elements.
+    capacity = min(
+        block_lanes // 2 + block_lanes // small_lanes + 2,
+        sum(t.numel() for t in dense) // 2 + len(dense) + 1,
+    )
+    buffers = _WordBuffers(capacity, device)
+    listed = [(t, keys.key(i), starts[i]) for t, i in zip(dense, large)]
+    for block in iter_blocks(listed, block_lanes, block_lanes, 0):
+        keys_, firsts, counts, positions = [], [], [], []
         cursor = 0
         for _, key, start, size in block.segments:
             first_word = start >> 1
             count = ((start + size - 1) >> 1) - first_word + 1
-            keys.append(key)
+            keys_.append(key)
             firsts.append(first_word)
             counts.append(count)
             positions.append(2 * cursor + (start & 1))
             cursor += count
-        lanes = buffers.hashed(keys, firsts, counts).view(torch.int16)
-        lanes.clamp_(low, low + 1)
-        torch.sub(low_tensor, lanes, out=lanes)
-        return lanes, positions
-
-    tensors = [(t, target.key, target.start) for t, target in zip(dense, consecutive)]
-    for block in iter_blocks(tensors, block_lanes, pack_lanes, small_lanes):
-        lanes, positions = keep_mask(block)
-        if not block.packed:
-            for segment, position in zip(block.segments, positions):
-                apply_(segment.flat, lanes[position : position + segment.size])
-            continue
-        # Pack the segments in lane order, with a pad element wherever a
-        # segment starts or ends in the middle of a word.
-        pieces: list[Tensor] = []
-        flats: list[Tensor] = []
-        for flat, _, start, size in block.segments:
-            if start & 1:
-                pieces.append(pad)
-            pieces.append(flat)
-            flats.append(flat)
-            if (start + size) & 1:
-                pieces.append(pad)
-        total = lanes.numel()
-        if packing is None:
-            packing = torch.empty(2 * capacity, dtype=dtype, device=device)
-        packed = torch.cat(pieces, out=packing[:total])
-        apply_(packed, lanes)
-        # One split makes every piece's view; the pads' views are skipped.
-        views = packed.split([piece.numel() for piece in pieces])
-        torch._foreach_copy_(flats, [v for v, p in zip(views, pieces) if p is not pad])
+        lanes = keep_lanes(buffers.hashed(keys_, firsts, counts))
+        for segment, position in zip(block.segments, positions):
+            apply_(segment.flat, lanes[position : position + segment.size])
     for original, copy in write_back:
         original.copy_(copy)
 
 
+class _PackBlock(NamedTuple):
+    """Small tensors with about the same number of words, masked together.
+
+    Row ``r`` of the block holds tensor ``order[first + r]`` of its plan:
+    ``width`` words of its stream, hashed into ``2 * width`` lanes of the
+    plan's buffer, the tensor's elements starting at lane ``start & 1`` (a pad
+    lane first when its first element is the high half of a word) and pad lanes
+    after them up to the row's end.
+
+    Attributes:
+        first, stop: the block's rows are ``order[first:stop]`` of the plan.
+        width: words per row, the most any of its tensors needs.
+        views: one view of the plan's buffer per tensor, shaped like it, when
+            the plan is kept between steps; ``None`` otherwise.
+    """
+
+    first: int
+    stop: int
+    width: int
+    views: list[Tensor] | None
+
+
+class _PackPlan(NamedTuple):
+    """How a list of small tensors is packed into blocks.
+
+    Tensors are ordered by the power of two above their word count (stably),
+    so a block's rows are at most twice as long as any of its tensors needs,
+    and tensors of one shape, the common case, need no padding at all. Each
+    row's hash inputs are then one broadcast op over the block, with no
+    per-element layout to keep.
+
+    Attributes:
+        order: tensor positions, in the order the blocks take them.
+        in_order: whether ``order`` is ``0, 1, 2, ...``.
+        firsts: each ordered tensor's first word index, modulo ``2**32`` (int32).
+        shapes, starts: each tensor's shape and first global index (unordered).
+        blocks: the blocks.
+        buffer: packed elements of the largest block. Blocks are masked one
+            after another, so every block's views share it, and it stays in
+            cache from one block to the next.
+        words, scratch: int32 buffers for the largest block's words.
+    """
+
+    order: list[int]
+    in_order: bool
+    firsts: Tensor
+    shapes: tuple[torch.Size, ...]
+    starts: tuple[int, ...]
+    blocks: list[_PackBlock]
+    buffer: Tensor
+    words: Tensor
+    scratch: Tensor
+
+
+# Plans of packed blocks, kept between steps on CPU: a model's small gradients
+# have the same shapes every step, so after the first step packing them costs two
+# foreach copies per block and no Python per tensor. The key holds the thread,
+# because a plan's buffers are written during a call. Bounded in bytes; beyond
+# the bound, plans are built for each call.
+_PACK_PLANS: dict[tuple[object, ...], _PackPlan] = {}
+_PACK_PLAN_BYTES = 16 << 20
+_pack_plan_bytes = 0
+
+
+def _pack_plan(tensors: Sequence[Tensor], starts: Sequence[int], pack_lanes: int) -> _PackPlan:
+    """The packing of ``tensors`` (one dtype, one device) into blocks of ``pack_lanes``."""
+    global _pack_plan_bytes
+    device, dtype = tensors[0].device, tensors[0].dtype
+    shapes = tuple([t.shape for t in tensors])
+    signature = (threading.get_ident(), device, dtype, shapes, tuple(starts), pack_lanes)
+    plan = _PACK_PLANS.get(signature)
+    if plan is not None:
+        return plan
+    counts = [
+        ((start + tensor.numel() - 1) >> 1) - (start >> 1) + 1
+        for tensor, start in zip(tensors, starts)
+    ]
+    order = sorted(range(len(tensors)), key=lambda j: counts[j].bit_length())
+    blocks: list[_PackBlock] = []
+    first = 0
+    while first < len(order):
+        size_class = counts[order[first]].bit_length()
+        stop = first
+        width = 0
+        while stop < len(order) and counts[order[stop]].bit_length() == size_class:
+            wider = max(width, counts[order[stop]])
+            if stop > first and 2 * wider * (stop + 1 - first) > pack_lanes:
+                break
+            width, stop = wider, stop + 1
+        blocks.append(_PackBlock(first, stop, width, None))
+        first = stop
+    most = max((b.stop - b.first) * b.width for b in blocks)
+    firsts = torch.tensor([(starts[j] >> 1) & _MASK32 for j in order], dtype=torch.int64)
+    plan = _PackPlan(
+        order,
+        order == list(range(len(order))),
+        signed_int32(firsts),
+        shapes,
+        tuple(starts),
+        blocks,
+        # Pad lanes (whatever an earlier block left there) are masked, never copied back.
+        torch.zeros(2 * most, dtype=dtype, device=device),
+        torch.empty(most, dtype=torch.int32, device=device),
+        torch.empty(most, dtype=torch.int32, device=device),
+    )
+    nbytes = most * (2 * dtype.itemsize + 8) + 4 * len(order)
+    if device.type == "cpu" and _pack_plan_bytes + nbytes <= _PACK_PLAN_BYTES:
+        plan = plan._replace(blocks=[b._replace(views=_block_views(plan, b)) for b in blocks])
+        _PACK_PLANS[signature] = plan
+        _pack_plan_bytes += nbytes
+    return plan
+
+
+def _block_views(plan: _PackPlan, block: _PackBlock) -> list[Tensor]:
+    """Each of the block's tensors as a view of its row of the plan's buffer."""
+    rows = plan.buffer[: 2 * (block.stop - block.first) * block.width].view(-1, 2 * block.width)
+    views = []
+    for row, position in enumerate(plan.order[block.first : block.stop]):
+        shape, lane = plan.shapes[position], plan.starts[position] & 1
+        views.append(rows[row, lane : lane + math.prod(shape)].view(shape))
+    return views
+
+
 def _triton_masks_(
-    dense: Sequence[Tensor], targets: Sequence[MaskTarget], threshold: int, factor: float
+    values: Sequence[Tensor],
+    starts: Sequence[int],
+    keys: KeyColumn,
+    threshold: int,
+    factor: float,
 ) -> bool:
     """Mask each tensor with the fused Triton kernel; False when it cannot be used."""
     from ._triton_mask import bernoulli_keyed_triton_, factor_tensor, triton_usable
 
+    dense, write_back = _dense(values)
     if not all(triton_usable(t) for t in dense):
         return False
     factor_on_device = factor_tensor(factor, dense[0].dtype, dense[0].device)
-    for tensor, target in zip(dense, targets):
-        flat = tensor.view(-1)
-        bernoulli_keyed_triton_(flat, target.start, target.key, threshold, factor_on_device)
+    for row, (tensor, start) in enumerate(zip(dense, starts)):
+        if tensor.numel():
+            flat = tensor.view(-1)
+            bernoulli_keyed_triton_(flat, start, keys.key(row), threshold, factor_on_device)
+    for original, copy in write_back:
+        original.copy_(copy)
     return True
 
 
@@ -596,7 +825,7 @@ def gaussian_keyed_(
     sigma = math.sqrt(rate / (1.0 - rate))
     device, dtype = consecutive[0].values.device, consecutive[0].values.dtype
     noise_dtype = _noise_dtype(dtype)
-    dense, write_back = _dense(consecutive)
+    dense, write_back = _dense([t.values for t in consecutive])
     # Two words per element, so half as many elements per block as words.
     block_lanes, pack_lanes, small_lanes = (
         max(1, size // 2) for size in _block_sizes(device, chunk_lanes)

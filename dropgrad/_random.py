@@ -54,9 +54,11 @@ __all__ = [
     "hash_words_",
     "lowbias32",
     "resolve_seed",
+    "signed_int32",
     "skip_decision",
     "splitmix64",
     "stream_key",
+    "stream_key_table",
     "stream_keys",
     "words_reference",
 ]
@@ -165,13 +167,29 @@ def stream_keys(seed: int, domain: int, step: int, indices: Sequence[int]) -> li
         return []
     if len(indices) <= _SCALAR_KEYS:
         return [stream_key(seed, domain, step, index) for index in indices]
+    # NamedTuple's own constructor costs microseconds per call; _make does not.
+    return list(map(StreamKey._make, stream_key_table(seed, domain, step, indices).tolist()))
+
+
+def stream_key_table(seed: int, domain: int, step: int, indices: Sequence[int]) -> Tensor:
+    """The keys of :func:`stream_keys` as a CPU int64 tensor of shape ``(n, 2)``: ``a, b``.
+
+    Kernels that hash many small tensors at once read their keys from this
+    table with tensor ops instead of building one Python object per key.
+    """
     step_key = splitmix64(splitmix64(seed ^ domain) ^ (step & _MASK64))
     # Parameter positions fit in int64; larger indices take the exact signed form.
-    positions = indices if max(indices) < 1 << 63 else [_signed64(i) for i in indices]
+    positions = list(indices)
+    if positions and max(positions) >= 1 << 63:
+        positions = [_signed64(i) for i in positions]
     keys = _splitmix64_tensor(torch.tensor(positions, dtype=torch.int64) ^ _signed64(step_key))
-    halves = torch.stack(((keys & _MASK32) | 1, (keys >> 32) & _MASK32), dim=1).tolist()
-    # NamedTuple's own constructor costs microseconds per call; _make does not.
-    return list(map(StreamKey._make, halves))
+    keys = keys.reshape(-1)
+    return torch.stack(((keys & _MASK32) | 1, (keys >> 32) & _MASK32), dim=1)
+
+
+def signed_int32(values: Tensor) -> Tensor:
+    """int64 values in ``[0, 2**32)`` as the int32 values with the same 32 bits."""
+    return (values - ((values >> 31) << 32)).to(torch.int32)
 
 
 def skip_decision(seed: int, step: int, probability: float) -> bool:

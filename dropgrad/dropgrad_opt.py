@@ -357,6 +357,7 @@ class DropGrad(Optimizer):
         once, at its first position.
         """
         default = self._current(self._default_rate, "drop_rate")
+        param_rates = self._param_rates
         plan: list[Planned] = []
         seen: set[int] = set()
         index = 0
@@ -369,7 +370,8 @@ class DropGrad(Optimizer):
                 if id(param) in seen:
                     continue
                 seen.add(id(param))
-                own = self._param_rates.get(param, _MISSING)
+                # A tensor's hash is a Python call: look it up only when some have rates.
+                own = param_rates.get(param, _MISSING) if param_rates else _MISSING
                 rate = group_rate if own is _MISSING else self._current(own, "params")  # type: ignore[arg-type]
                 plan.append(Planned(position, param, rate, target, granularity))
         return plan

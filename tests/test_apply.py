@@ -22,8 +22,9 @@ def test_dense_index_of_a_zero_dimensional_tensor() -> None:
 
 def test_locate_dense_tensor() -> None:
     located = locate(torch.zeros(7, 3))
-    assert (located.start, located.index, located.first_row, located.rows) == (0, None, 0, 7)
-    assert locate(torch.zeros(())).rows == 1
+    assert (located.start, located.index, located.first_row) == (0, None, 0)
+    assert located.row_count() == 7
+    assert locate(torch.zeros(())).row_count() == 1
 
 
 def test_locate_sparse_values_by_dense_position() -> None:

@@ -16,10 +16,11 @@ from dropgrad._masking import (
     bernoulli_keyed_,
     bernoulli_reference_,
     gaussian_keyed_,
+    gaussian_reference_,
     lanes_reference,
     quantize_rate,
 )
-from dropgrad._random import MASK_DOMAIN, stream_key
+from dropgrad._random import GAUSSIAN_DOMAIN, MASK_DOMAIN, stream_key
 
 from ._helpers import ALL_DTYPES, peak_temporary_bytes, random_tensor
 
@@ -488,7 +489,12 @@ def test_fast_kernels_hold_chunk_sized_temporaries() -> None:
             targets(smalls, SEED), 0.3, chunk_lanes=MEMORY_CHUNK
         ),
     }
-    peaks = {name: peak_temporary_bytes(run) for name, run in runs.items()}
+    # Packing plans kept between steps are bounded separately (see
+    # test_packing_plans_are_kept_between_steps_within_their_memory_bound); here
+    # every call builds its blocks, one at a time.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(masking, "_PACK_PLAN_BYTES", 0)
+        peaks = {name: peak_temporary_bytes(run) for name, run in runs.items()}
     assert all(0 < peak <= MEMORY_BOUND for peak in peaks.values()), peaks
 
 
@@ -517,18 +523,19 @@ def test_blocks_with_few_or_many_runs_match_the_reference(count: int, largest: i
 def test_packed_layouts_are_kept_between_steps_within_their_memory_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A packed block's layout is built once and reused with the next step's keys; with
-    no room left for layouts they are built every time. Both give the reference's masks."""
+    """Gaussian: a packed block's layout is built once and reused with the next step's
+    keys; with no room left for layouts they are built every time. Both give the
+    reference's noise."""
     sizes = torch.randint(1, 3_000, (40,), generator=torch.Generator().manual_seed(5))
     tensors = [torch.randn(int(size)) for size in sizes]
 
-    def masked_pair(step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def noised_pair(step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         fast = [t.clone() for t in tensors]
         reference = [t.clone() for t in tensors]
-        for values, kernel in ((fast, bernoulli_keyed_), (reference, bernoulli_reference_)):
+        for values, kernel in ((fast, gaussian_keyed_), (reference, gaussian_reference_)):
             kernel(
                 [
-                    MaskTarget(v, stream_key(3, MASK_DOMAIN, step, i), 7 * i)
+                    MaskTarget(v, stream_key(3, GAUSSIAN_DOMAIN, step, i), 7 * i)
                     for i, v in enumerate(values)
                 ],
                 0.4,
@@ -538,7 +545,7 @@ def test_packed_layouts_are_kept_between_steps_within_their_memory_bound(
     monkeypatch.setattr(masking, "_LAYOUTS", {})
     monkeypatch.setattr(masking, "_layout_bytes", 0)
     for step in range(3):
-        fast, reference = masked_pair(step)
+        fast, reference = noised_pair(step)
         assert all(torch.equal(f, r) for f, r in zip(fast, reference))
         assert len(masking._LAYOUTS) == 1  # one packed block, its layout built at step 0
     assert masking._layout_bytes == 8 * len(masking._LAYOUTS[next(iter(masking._LAYOUTS))][0])
@@ -546,6 +553,60 @@ def test_packed_layouts_are_kept_between_steps_within_their_memory_bound(
     monkeypatch.setattr(masking, "_LAYOUTS", {})
     monkeypatch.setattr(masking, "_layout_bytes", 0)
     monkeypatch.setattr(masking, "_LAYOUT_BYTES", 0)
-    fast, reference = masked_pair(4)
+    fast, reference = noised_pair(4)
     assert all(torch.equal(f, r) for f, r in zip(fast, reference))
     assert masking._LAYOUTS == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.complex128])
+def test_packing_plans_are_kept_between_steps_within_their_memory_bound(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """Bernoulli: small tensors (non-contiguous ones among them, at odd global offsets,
+    over several blocks) are packed by a plan built once and reused with the next
+    step's keys; with no room left, blocks are built during each call. Both give the
+    reference's masks, and the kept plans stay within their byte bound."""
+    sizes = torch.randint(1, 3_000, (60,), generator=torch.Generator().manual_seed(5))
+    contiguous = [torch.randn(int(size), dtype=dtype) for size in sizes]
+    strided = [torch.randn(40, 30, dtype=dtype).t(), torch.randn(7, 5, 3, dtype=dtype)[:, 1]]
+    assert not any(t.is_contiguous() for t in strided)
+
+    def masked_pair(step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        pairs = []
+        for _ in range(2):
+            values = [t.clone() for t in contiguous]
+            for original in strided:  # a copy with the same strides
+                copy = torch.empty_strided(original.shape, original.stride(), dtype=dtype)
+                values.append(copy.copy_(original))
+            pairs.append(values)
+        fast, reference = pairs
+
+        def targets(values: list[torch.Tensor]) -> list[MaskTarget]:
+            return [
+                MaskTarget(v, stream_key(3, MASK_DOMAIN, step, i), 7 * i)
+                for i, v in enumerate(values)
+            ]
+
+        bernoulli_keyed_(targets(fast), 0.4, chunk_lanes=1 << 14)
+        bernoulli_reference_(targets(reference), 0.4)
+        assert not fast[-1].is_contiguous()
+        return fast, reference
+
+    monkeypatch.setattr(masking, "_PACK_PLANS", {})
+    monkeypatch.setattr(masking, "_pack_plan_bytes", 0)
+    for step in range(3):
+        fast, reference = masked_pair(step)
+        for got, want in zip(fast, reference):
+            assert_bit_identical(got, want)
+        assert len(masking._PACK_PLANS) == 1  # built at step 0, reused since
+    plan = next(iter(masking._PACK_PLANS.values()))
+    assert plan.blocks is not None and len(plan.blocks) > 1
+    assert 0 < masking._pack_plan_bytes <= masking._PACK_PLAN_BYTES
+
+    monkeypatch.setattr(masking, "_PACK_PLANS", {})
+    monkeypatch.setattr(masking, "_pack_plan_bytes", 0)
+    monkeypatch.setattr(masking, "_PACK_PLAN_BYTES", 0)
+    fast, reference = masked_pair(4)
+    for got, want in zip(fast, reference):
+        assert_bit_identical(got, want)
+    assert masking._PACK_PLANS == {}
