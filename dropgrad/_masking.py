@@ -18,17 +18,19 @@ realized, so the expected result equals the input exactly.
 as two uniforms and turns them into one standard normal by Box-Muller (in
 float64), giving the multiplier ``1 + z * sqrt(p / (1 - p))``.
 
-**One block iterator.** :func:`iter_blocks` cuts a list of :class:`MaskTarget`
-into blocks: tensors larger than a block are masked in place block by block,
-runs of small tensors are packed into one buffer so a thousand small gradients
-cost a handful of ops. Each block's hash inputs are built for all of its
-segments at once (a packed block's layout, which repeats every step, is kept
-between steps, so that takes four ops whatever the number of segments),
-hashed with eleven integer ops, and handed to a per-block operation: the
-Bernoulli mask or the Gaussian multiplier. Temporaries stay bounded by the
-block size whatever the parameter size, and the result does not depend on how
-the elements are cut into blocks, because every element's bits depend only on
-its key and global index.
+**Blocks.** Both kernels cut their tensors the same way, and only the
+per-block operation differs (the Bernoulli keep mask or the Gaussian
+multiplier). Tensors of at most ``2**14`` elements are packed
+(:func:`_packed_blocks`): a plan, kept between steps on CPU within a byte
+bound, puts tensors with about the same number of words into the rows of a
+block, so a block's hash inputs are one broadcast op over a row per tensor,
+and its elements reach a shared buffer and come back by one foreach copy each
+way; a thousand small gradients cost a few dozen ops. Larger tensors are
+masked in place by :func:`iter_blocks`, several to a block, a tensor larger
+than a block in pieces. Words are hashed with eleven integer ops per block.
+Temporaries stay bounded by the block size whatever the parameter size, and the
+result does not depend on how the elements are cut into blocks, because every
+element's bits depend only on its key and global index.
 
 :func:`bernoulli_reference_` and :func:`gaussian_reference_` are the plain
 paths, one tensor at a time, with the words computed by
@@ -84,9 +86,6 @@ _CPU_PACK_LANES = 1 << 17
 # between the passes over them.
 _CPU_BLOCK_LANES = 1 << 18
 _MASK32 = (1 << 32) - 1
-# Up to this many runs in one block, their hash inputs are written run by run;
-# beyond it, by one pass with the run constants repeated (see _WordBuffers.hashed).
-_LOOPED_RUNS = 16
 
 
 def quantize_rate(rate: float) -> tuple[int, float]:
@@ -240,66 +239,37 @@ class Segment(NamedTuple):
     size: int
 
 
-class Block(NamedTuple):
-    """Segments processed together: ``packed`` blocks are copied into one buffer."""
-
-    segments: list[Segment]
-    packed: bool
-
-
 def iter_blocks(
-    tensors: Sequence[tuple[Tensor, StreamKey, int]],
-    block_lanes: int,
-    pack_lanes: int,
-    small_lanes: int | None = None,
-) -> Iterator[Block]:
-    """Cut contiguous tensors into blocks of segments.
+    tensors: Sequence[tuple[Tensor, StreamKey, int]], block_lanes: int
+) -> Iterator[list[Segment]]:
+    """Cut contiguous tensors into blocks of segments, each masked in place.
 
     Args:
         tensors: ``(tensor, key, start)`` for each contiguous tensor.
-        block_lanes: most elements masked in place by one block.
-        pack_lanes: most elements of one packed block.
-        small_lanes: tensors of at most this many elements are packed;
-            default ``pack_lanes``.
+        block_lanes: most elements in one block.
 
-    Small tensors are gathered into packed blocks; the others are masked in
-    place, several to a block, a tensor larger than a block in pieces of
+    Tensors go several to a block, a tensor larger than a block in pieces of
     ``block_lanes`` elements. Every element is in exactly one segment; blocks
     come out in no particular order, which the keyed masks do not depend on.
     """
-    if small_lanes is None:
-        small_lanes = pack_lanes
-    small_lanes = min(small_lanes, pack_lanes)
-    pack: list[Segment] = []
     group: list[Segment] = []
-    pack_total = group_total = 0
-    # Runs once per tensor per step, so it avoids every avoidable call.
+    group_total = 0
     make = Segment._make
     for tensor, key, start in tensors:
         size = tensor.numel()
         if size == 0:
             continue
-        # 1-D tensors, the usual small ones (biases, norms), need no view.
         flat = tensor if tensor.dim() == 1 else tensor.view(-1)
-        if size <= small_lanes:
-            if pack_total + size > pack_lanes:
-                yield Block(pack, len(pack) > 1)
-                pack, pack_total = [], 0
-            pack.append(make((flat, key, start, size)))
-            pack_total += size
-            continue
         for offset in range(0, size, block_lanes):
             count = min(block_lanes, size - offset)
             if group_total + count > block_lanes:
-                yield Block(group, False)
+                yield group
                 group, group_total = [], 0
             piece = flat if count == size else flat[offset : offset + count]
             group.append(make((piece, key, start + offset, count)))
             group_total += count
     if group:
-        yield Block(group, False)
-    if pack:
-        yield Block(pack, len(pack) > 1)
+        yield group
 
 
 _IOTAS: dict[torch.device, Tensor] = {}
@@ -320,10 +290,10 @@ def _iota(capacity: int, device: torch.device) -> Tensor:
 
 
 class _WordBuffers:
-    """Reused int32 buffers for one call: an iota, the words and their scratch."""
+    """Reused int32 buffers for one call: the words and their scratch."""
 
     def __init__(self, capacity: int, device: torch.device) -> None:
-        self.iota = _iota(capacity, device)
+        self.device = device
         self.words = torch.empty(capacity, dtype=torch.int32, device=device)
         self.scratch = torch.empty(capacity, dtype=torch.int32, device=device)
         self.base = torch.empty((), dtype=torch.int32, device=device)
@@ -338,70 +308,21 @@ class _WordBuffers:
         the buffer) is ``b_j + a_j * (first_j + q - c_j)`` modulo ``2**32``.
         """
         total = sum(counts)
+        if total > self.words.numel():
+            # Every segment may add a word at each end: a block of many short
+            # pieces (the ends of tensors just over a block) needs more.
+            self.words = torch.empty(total, dtype=torch.int32, device=self.device)
+            self.scratch = torch.empty(total, dtype=torch.int32, device=self.device)
         words = self.words[:total]
-        iota = self.iota[:total]
-        if len(keys) <= _LOOPED_RUNS:
-            # A few runs (large tensors sharing a block): one op per run, the
-            # run's first input plus a_j times the iota, costs less than
-            # repeating the run constants over the whole block.
-            at = 0
-            for key, first, count in zip(keys, firsts, counts):
-                self.base.fill_(key.start(first))
-                torch.add(self.base, iota[:count], alpha=key.multiplier, out=words[at : at + count])
-                at += count
-            return hash_words_(words, self.scratch[:total])
-        # Many runs (packed small tensors): the hash input of position q in run j
-        # is a_j * local[q] + b_j, where local[q] = first_j + q - c_j and the run
-        # of each position depend only on the layout, which repeats every step.
-        run, local = _run_layout(firsts, counts, total, words.device)
-        multipliers = torch.tensor([key.multiplier for key in keys], dtype=torch.int32)
-        offsets = torch.tensor([key.start(0) for key in keys], dtype=torch.int32)
-        scratch = self.scratch[:total]
-        torch.index_select(multipliers.to(words.device), 0, run, out=words)
-        words.mul_(local)
-        torch.index_select(offsets.to(words.device), 0, run, out=scratch)
-        words.add_(scratch)
-        return hash_words_(words, scratch)
-
-
-# Layouts of packed blocks, kept between steps: (device, firsts, counts) -> (run, local).
-# A model's packed blocks are the same every step, so after the first step each
-# block's layout is a dictionary lookup. Bounded in bytes; beyond the bound,
-# layouts are built every time.
-_LAYOUTS: dict[tuple[torch.device, tuple[int, ...], tuple[int, ...]], tuple[Tensor, Tensor]] = {}
-_LAYOUT_BYTES = 8 << 20  # 4 bytes per packed element: 2M elements of small tensors
-_layout_bytes = 0
-
-
-def _run_layout(
-    firsts: Sequence[int], counts: Sequence[int], total: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """For each position of a block of runs: its run (int32) and the word index it
-    hashes relative to ``b_j`` (int32, modulo ``2**32``): ``first_j + q - c_j``."""
-    global _layout_bytes
-    signature = (device, tuple(firsts), tuple(counts))
-    layout = _LAYOUTS.get(signature)
-    if layout is not None:
-        return layout
-    layout = _layout_tensors(firsts, counts, total, device)
-    if _layout_bytes + 8 * total <= _LAYOUT_BYTES:
-        _LAYOUTS[signature] = layout
-        _layout_bytes += 8 * total
-    return layout
-
-
-def _layout_tensors(
-    firsts: Sequence[int], counts: Sequence[int], total: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """:func:`_run_layout`, built afresh."""
-    repeats = torch.tensor(counts, dtype=torch.int64)
-    run = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int64), repeats)
-    cursor = repeats.cumsum(0) - repeats
-    shift = torch.tensor(firsts, dtype=torch.int64).sub_(cursor)
-    local = torch.arange(total, dtype=torch.int64).add_(shift[run])
-    # The same value modulo 2**32, as a signed int32.
-    local.add_(1 << 31).bitwise_and_(_MASK32).sub_(1 << 31)
-    return run.to(device=device, dtype=torch.int32), local.to(device=device, dtype=torch.int32)
+        iota = _iota(max(counts), self.device)
+        # A block holds few runs (large tensors): one op per run, the run's first
+        # input plus a_j times the iota.
+        at = 0
+        for key, first, count in zip(keys, firsts, counts):
+            self.base.fill_(key.start(first))
+            torch.add(self.base, iota[:count], alpha=key.multiplier, out=words[at : at + count])
+            at += count
+        return hash_words_(words, self.scratch[:total])
 
 
 def _dense(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
@@ -569,12 +490,7 @@ def _bernoulli_consecutive_(
     if device.type != "cpu" and _triton_masks_(values, starts, keys, threshold, factor):
         return
     block_lanes, pack_lanes, small_lanes = _block_sizes(device, chunk_lanes)
-    numels = [v.numel() for v in values]
-    small = [i for i, n in enumerate(numels) if 0 < n <= small_lanes]
-    if len(small) < 2:  # one small tensor costs less masked in place than copied twice
-        small = []
-    chosen = set(small)
-    large = [i for i, n in enumerate(numels) if n > 0 and i not in chosen]
+    small, large = _by_size(values, small_lanes)
     # threshold is in [1, 65535] here, so both bounds fit in int16.
     low = threshold - _LANE_OFFSET - 1
     low_tensor = torch.tensor(low, dtype=torch.int16, device=device)
@@ -595,59 +511,48 @@ def _bernoulli_consecutive_(
         bits.bitwise_and_(keep)
         flat.mul_(factor)
 
-    if small:
-        tensors = [values[i] for i in small]
-        plan = _pack_plan(tensors, [starts[i] for i in small], pack_lanes)
-        in_order = plan.in_order and len(small) == len(values)
-        multipliers, offsets = keys.signed(None if in_order else [small[j] for j in plan.order])
-        multipliers, offsets = multipliers.to(device), offsets.to(device)
-        # Word w of a tensor's stream hashes b + a * (first + w): fold the first
-        # word index into the offset, so each row of a block hashes b' + a * w.
-        offsets.add_(multipliers * plan.firsts.to(device))
-        iota = _iota(max(packed.width for packed in plan.blocks), device)
-        for packed in plan.blocks:
-            if plan.in_order:
-                members = tensors[packed.first : packed.stop]
-            else:
-                members = [tensors[j] for j in plan.order[packed.first : packed.stop]]
-            views = packed.views if packed.views is not None else _block_views(plan, packed)
-            torch._foreach_copy_(views, members)
-            count = (packed.stop - packed.first) * packed.width
-            words = plan.words[:count].view(-1, packed.width)
-            torch.mul(
-                multipliers[packed.first : packed.stop, None], iota[: packed.width], out=words
-            )
-            words.add_(offsets[packed.first : packed.stop, None])
-            words = words.view(-1)
-            lanes = keep_lanes(hash_words_(words, plan.scratch[:count]))
-            apply_(plan.buffer[: 2 * count], lanes)
-            torch._foreach_copy_(members, views)
-    if not large:
-        return
-    dense, write_back = _dense([values[i] for i in large])
-    # A block needs at most one word per two elements plus one per segment (a
-    # segment may start and end in the middle of a word), and no call needs more
-    # words than all of its elements.
-    capacity = min(
-        block_lanes // 2 + block_lanes // small_lanes + 2,
-        sum(t.numel() for t in dense) // 2 + len(dense) + 1,
-    )
-    buffers = _WordBuffers(capacity, device)
-    listed = [(t, keys.key(i), starts[i]) for t, i in zip(dense, large)]
-    for block in iter_blocks(listed, block_lanes, block_lanes, 0):
-        keys_, firsts, counts, positions = [], [], [], []
+    for packed, words in _packed_blocks(values, starts, keys, small, pack_lanes, noise=False):
+        apply_(packed, keep_lanes(words))
+    buffers = _WordBuffers(block_lanes // 2 + 2 if large else 0, device)
+    for segments in _large_blocks(values, starts, keys, large, block_lanes):
+        positions, firsts, counts = [], [], []
         cursor = 0
-        for _, key, start, size in block.segments:
+        for _, _, start, size in segments:
             first_word = start >> 1
             count = ((start + size - 1) >> 1) - first_word + 1
-            keys_.append(key)
             firsts.append(first_word)
             counts.append(count)
             positions.append(2 * cursor + (start & 1))
             cursor += count
-        lanes = keep_lanes(buffers.hashed(keys_, firsts, counts))
-        for segment, position in zip(block.segments, positions):
+        lanes = keep_lanes(buffers.hashed([s.key for s in segments], firsts, counts))
+        for segment, position in zip(segments, positions):
             apply_(segment.flat, lanes[position : position + segment.size])
+
+
+def _by_size(values: Sequence[Tensor], small_lanes: int) -> tuple[list[int], list[int]]:
+    """Positions of the tensors to pack (at most ``small_lanes`` elements) and of
+    those to mask in place; empty tensors are in neither."""
+    numels = [v.numel() for v in values]
+    small = [i for i, n in enumerate(numels) if 0 < n <= small_lanes]
+    if len(small) < 2:  # one small tensor costs less masked in place than copied twice
+        small = []
+    chosen = set(small)
+    return small, [i for i, n in enumerate(numels) if n > 0 and i not in chosen]
+
+
+def _large_blocks(
+    values: Sequence[Tensor],
+    starts: Sequence[int],
+    keys: KeyColumn,
+    rows: Sequence[int],
+    block_lanes: int,
+) -> Iterator[list[Segment]]:
+    """:func:`iter_blocks` of ``values[i]`` for ``i`` in ``rows``, non-contiguous
+    ones through contiguous copies that are written back at the end."""
+    if not rows:
+        return
+    dense, write_back = _dense([values[i] for i in rows])
+    yield from iter_blocks([(t, keys.key(i), starts[i]) for t, i in zip(dense, rows)], block_lanes)
     for original, copy in write_back:
         original.copy_(copy)
 
@@ -655,11 +560,12 @@ def _bernoulli_consecutive_(
 class _PackBlock(NamedTuple):
     """Small tensors with about the same number of words, masked together.
 
-    Row ``r`` of the block holds tensor ``order[first + r]`` of its plan:
-    ``width`` words of its stream, hashed into ``2 * width`` lanes of the
-    plan's buffer, the tensor's elements starting at lane ``start & 1`` (a pad
-    lane first when its first element is the high half of a word) and pad lanes
-    after them up to the row's end.
+    Row ``r`` of the block holds tensor ``order[first + r]`` of its plan and
+    hashes ``width`` words of its stream. For Bernoulli masks they are
+    ``2 * width`` lanes, one per element of the row in the plan's buffer, the
+    tensor's elements starting at lane ``start & 1`` (a pad lane first when its
+    first element is the high half of a word); for Gaussian noise, two words
+    per element, ``width / 2`` elements. Pad elements fill each row's end.
 
     Attributes:
         first, stop: the block's rows are ``order[first:stop]`` of the plan.
@@ -688,6 +594,8 @@ class _PackPlan(NamedTuple):
         in_order: whether ``order`` is ``0, 1, 2, ...``.
         firsts: each ordered tensor's first word index, modulo ``2**32`` (int32).
         shapes, starts: each tensor's shape and first global index (unordered).
+        noise: whether the words are Gaussian noise's (two per element) rather
+            than Bernoulli lanes (two elements per word).
         blocks: the blocks.
         buffer: packed elements of the largest block. Blocks are masked one
             after another, so every block's views share it, and it stays in
@@ -700,6 +608,7 @@ class _PackPlan(NamedTuple):
     firsts: Tensor
     shapes: tuple[torch.Size, ...]
     starts: tuple[int, ...]
+    noise: bool
     blocks: list[_PackBlock]
     buffer: Tensor
     words: Tensor
@@ -716,19 +625,26 @@ _PACK_PLAN_BYTES = 16 << 20
 _pack_plan_bytes = 0
 
 
-def _pack_plan(tensors: Sequence[Tensor], starts: Sequence[int], pack_lanes: int) -> _PackPlan:
-    """The packing of ``tensors`` (one dtype, one device) into blocks of ``pack_lanes``."""
+def _pack_plan(
+    tensors: Sequence[Tensor], starts: Sequence[int], pack_lanes: int, noise: bool
+) -> _PackPlan:
+    """The packing of ``tensors`` (one dtype, one device) into blocks of at most
+    ``pack_lanes`` elements (or one tensor)."""
     global _pack_plan_bytes
     device, dtype = tensors[0].device, tensors[0].dtype
     shapes = tuple([t.shape for t in tensors])
-    signature = (threading.get_ident(), device, dtype, shapes, tuple(starts), pack_lanes)
+    signature = (threading.get_ident(), device, dtype, shapes, tuple(starts), pack_lanes, noise)
     plan = _PACK_PLANS.get(signature)
     if plan is not None:
         return plan
-    counts = [
-        ((start + tensor.numel() - 1) >> 1) - (start >> 1) + 1
-        for tensor, start in zip(tensors, starts)
-    ]
+    if noise:
+        counts = [2 * t.numel() for t in tensors]
+        first_words = [2 * start for start in starts]
+    else:
+        counts = [
+            ((start + t.numel() - 1) >> 1) - (start >> 1) + 1 for t, start in zip(tensors, starts)
+        ]
+        first_words = [start >> 1 for start in starts]
     order = sorted(range(len(tensors)), key=lambda j: counts[j].bit_length())
     blocks: list[_PackBlock] = []
     first = 0
@@ -738,26 +654,28 @@ def _pack_plan(tensors: Sequence[Tensor], starts: Sequence[int], pack_lanes: int
         width = 0
         while stop < len(order) and counts[order[stop]].bit_length() == size_class:
             wider = max(width, counts[order[stop]])
-            if stop > first and 2 * wider * (stop + 1 - first) > pack_lanes:
+            if stop > first and _row_elements(wider, noise) * (stop + 1 - first) > pack_lanes:
                 break
             width, stop = wider, stop + 1
         blocks.append(_PackBlock(first, stop, width, None))
         first = stop
-    most = max((b.stop - b.first) * b.width for b in blocks)
-    firsts = torch.tensor([(starts[j] >> 1) & _MASK32 for j in order], dtype=torch.int64)
+    most_words = max((b.stop - b.first) * b.width for b in blocks)
+    most = max((b.stop - b.first) * _row_elements(b.width, noise) for b in blocks)
+    firsts = torch.tensor([first_words[j] & _MASK32 for j in order], dtype=torch.int64)
     plan = _PackPlan(
         order,
         order == list(range(len(order))),
         signed_int32(firsts),
         shapes,
         tuple(starts),
+        noise,
         blocks,
-        # Pad lanes (whatever an earlier block left there) are masked, never copied back.
-        torch.zeros(2 * most, dtype=dtype, device=device),
-        torch.empty(most, dtype=torch.int32, device=device),
-        torch.empty(most, dtype=torch.int32, device=device),
+        # Pad elements (whatever an earlier block left there) are changed, never copied back.
+        torch.zeros(most, dtype=dtype, device=device),
+        torch.empty(most_words, dtype=torch.int32, device=device),
+        torch.empty(most_words, dtype=torch.int32, device=device),
     )
-    nbytes = most * (2 * dtype.itemsize + 8) + 4 * len(order)
+    nbytes = most * dtype.itemsize + 8 * most_words + 4 * len(order)
     if device.type == "cpu" and _pack_plan_bytes + nbytes <= _PACK_PLAN_BYTES:
         plan = plan._replace(blocks=[b._replace(views=_block_views(plan, b)) for b in blocks])
         _PACK_PLANS[signature] = plan
@@ -765,14 +683,60 @@ def _pack_plan(tensors: Sequence[Tensor], starts: Sequence[int], pack_lanes: int
     return plan
 
 
+def _row_elements(width: int, noise: bool) -> int:
+    """Elements of a row of ``width`` words."""
+    return width // 2 if noise else 2 * width
+
+
 def _block_views(plan: _PackPlan, block: _PackBlock) -> list[Tensor]:
     """Each of the block's tensors as a view of its row of the plan's buffer."""
-    rows = plan.buffer[: 2 * (block.stop - block.first) * block.width].view(-1, 2 * block.width)
+    row_elements = _row_elements(block.width, plan.noise)
+    rows = plan.buffer[: (block.stop - block.first) * row_elements].view(-1, row_elements)
     views = []
     for row, position in enumerate(plan.order[block.first : block.stop]):
-        shape, lane = plan.shapes[position], plan.starts[position] & 1
+        shape = plan.shapes[position]
+        lane = 0 if plan.noise else plan.starts[position] & 1
         views.append(rows[row, lane : lane + math.prod(shape)].view(shape))
     return views
+
+
+def _packed_blocks(
+    values: Sequence[Tensor],
+    starts: Sequence[int],
+    keys: KeyColumn,
+    small: Sequence[int],
+    pack_lanes: int,
+    noise: bool,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Pack ``values[i]`` for ``i`` in ``small``; yield each block's elements (in the
+    plan's buffer) with its hashed words, and copy the elements back once the
+    caller has changed them in place."""
+    if not small:
+        return
+    device = values[0].device
+    tensors = [values[i] for i in small]
+    plan = _pack_plan(tensors, [starts[i] for i in small], pack_lanes, noise)
+    in_order = plan.in_order and len(small) == len(values)
+    multipliers, offsets = keys.signed(None if in_order else [small[j] for j in plan.order])
+    multipliers, offsets = multipliers.to(device), offsets.to(device)
+    # Word w of a tensor's stream hashes b + a * (first + w): fold the first
+    # word index into the offset, so each row of a block hashes b' + a * w.
+    offsets.add_(multipliers * plan.firsts.to(device))
+    iota = _iota(max(packed.width for packed in plan.blocks), device)
+    for packed in plan.blocks:
+        if plan.in_order:
+            members = tensors[packed.first : packed.stop]
+        else:
+            members = [tensors[j] for j in plan.order[packed.first : packed.stop]]
+        views = packed.views if packed.views is not None else _block_views(plan, packed)
+        torch._foreach_copy_(views, members)
+        rows = packed.stop - packed.first
+        words = plan.words[: rows * packed.width].view(rows, packed.width)
+        torch.mul(multipliers[packed.first : packed.stop, None], iota[: packed.width], out=words)
+        words.add_(offsets[packed.first : packed.stop, None])
+        words = hash_words_(words.view(-1), plan.scratch[: words.numel()])
+        yield plan.buffer[: rows * _row_elements(packed.width, noise)], words
+        torch._foreach_copy_(members, views)
 
 
 def _triton_masks_(
@@ -823,29 +787,35 @@ def gaussian_keyed_(
     if not consecutive:
         return
     sigma = math.sqrt(rate / (1.0 - rate))
-    device, dtype = consecutive[0].values.device, consecutive[0].values.dtype
-    noise_dtype = _noise_dtype(dtype)
-    dense, write_back = _dense([t.values for t in consecutive])
+    values = [t.values for t in consecutive]
+    starts = [t.start for t in consecutive]
+    keys = KeyColumn.from_keys([t.key for t in consecutive])
+    device = values[0].device
+    noise_dtype = _noise_dtype(values[0].dtype)
+
+    def noise_of(words: Tensor) -> Tensor:
+        """One multiplier per element from each pair of words."""
+        pairs = _unsigned(words).view(-1, 2)
+        noise = (_normals(pairs[:, 0], pairs[:, 1]) * sigma + 1.0).to(noise_dtype)
+        return noise.mul_(scale) if scale != 1.0 else noise
+
     # Two words per element, so half as many elements per block as words.
     block_lanes, pack_lanes, small_lanes = (
         max(1, size // 2) for size in _block_sizes(device, chunk_lanes)
     )
-    buffers = _WordBuffers(2 * max(block_lanes, pack_lanes), device)
-    tensors = [(t, target.key, target.start) for t, target in zip(dense, consecutive)]
-    for block in iter_blocks(tensors, block_lanes, pack_lanes, small_lanes):
-        segments = block.segments
-        words = buffers.hashed(
-            [s.key for s in segments],
-            [2 * s.start for s in segments],
-            [2 * s.size for s in segments],
+    small, large = _by_size(values, small_lanes)
+    for packed, words in _packed_blocks(values, starts, keys, small, pack_lanes, noise=True):
+        packed.mul_(noise_of(words))
+    buffers = _WordBuffers(2 * block_lanes + 2 if large else 0, device)
+    for segments in _large_blocks(values, starts, keys, large, block_lanes):
+        noise = noise_of(
+            buffers.hashed(
+                [s.key for s in segments],
+                [2 * s.start for s in segments],
+                [2 * s.size for s in segments],
+            )
         )
-        words = _unsigned(words).view(-1, 2)
-        noise = (_normals(words[:, 0], words[:, 1]) * sigma + 1.0).to(noise_dtype)
-        if scale != 1.0:
-            noise.mul_(scale)
         cursor = 0
         for segment in segments:
             segment.flat.mul_(noise[cursor : cursor + segment.size])
             cursor += segment.size
-    for original, copy in write_back:
-        original.copy_(copy)

@@ -520,52 +520,22 @@ def test_blocks_with_few_or_many_runs_match_the_reference(count: int, largest: i
         assert torch.equal(got, want)
 
 
-def test_packed_layouts_are_kept_between_steps_within_their_memory_bound(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Gaussian: a packed block's layout is built once and reused with the next step's
-    keys; with no room left for layouts they are built every time. Both give the
-    reference's noise."""
-    sizes = torch.randint(1, 3_000, (40,), generator=torch.Generator().manual_seed(5))
-    tensors = [torch.randn(int(size)) for size in sizes]
-
-    def noised_pair(step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        fast = [t.clone() for t in tensors]
-        reference = [t.clone() for t in tensors]
-        for values, kernel in ((fast, gaussian_keyed_), (reference, gaussian_reference_)):
-            kernel(
-                [
-                    MaskTarget(v, stream_key(3, GAUSSIAN_DOMAIN, step, i), 7 * i)
-                    for i, v in enumerate(values)
-                ],
-                0.4,
-            )
-        return fast, reference
-
-    monkeypatch.setattr(masking, "_LAYOUTS", {})
-    monkeypatch.setattr(masking, "_layout_bytes", 0)
-    for step in range(3):
-        fast, reference = noised_pair(step)
-        assert all(torch.equal(f, r) for f, r in zip(fast, reference))
-        assert len(masking._LAYOUTS) == 1  # one packed block, its layout built at step 0
-    assert masking._layout_bytes == 8 * len(masking._LAYOUTS[next(iter(masking._LAYOUTS))][0])
-
-    monkeypatch.setattr(masking, "_LAYOUTS", {})
-    monkeypatch.setattr(masking, "_layout_bytes", 0)
-    monkeypatch.setattr(masking, "_LAYOUT_BYTES", 0)
-    fast, reference = noised_pair(4)
-    assert all(torch.equal(f, r) for f, r in zip(fast, reference))
-    assert masking._LAYOUTS == {}
+KERNEL_PAIRS = {
+    "bernoulli": (bernoulli_keyed_, bernoulli_reference_, MASK_DOMAIN),
+    "gaussian": (gaussian_keyed_, gaussian_reference_, GAUSSIAN_DOMAIN),
+}
 
 
+@pytest.mark.parametrize("kernel", sorted(KERNEL_PAIRS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.complex128])
 def test_packing_plans_are_kept_between_steps_within_their_memory_bound(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, kernel: str
 ) -> None:
-    """Bernoulli: small tensors (non-contiguous ones among them, at odd global offsets,
-    over several blocks) are packed by a plan built once and reused with the next
-    step's keys; with no room left, blocks are built during each call. Both give the
-    reference's masks, and the kept plans stay within their byte bound."""
+    """Small tensors (non-contiguous ones among them, of many sizes, at odd global
+    offsets, over several blocks) are packed by a plan built once and reused with
+    the next step's keys; with no room left, plans are built during each call. Both
+    give the reference's results, and the kept plans stay within their byte bound."""
+    fast_kernel, reference_kernel, domain = KERNEL_PAIRS[kernel]
     sizes = torch.randint(1, 3_000, (60,), generator=torch.Generator().manual_seed(5))
     contiguous = [torch.randn(int(size), dtype=dtype) for size in sizes]
     strided = [torch.randn(40, 30, dtype=dtype).t(), torch.randn(7, 5, 3, dtype=dtype)[:, 1]]
@@ -583,12 +553,11 @@ def test_packing_plans_are_kept_between_steps_within_their_memory_bound(
 
         def targets(values: list[torch.Tensor]) -> list[MaskTarget]:
             return [
-                MaskTarget(v, stream_key(3, MASK_DOMAIN, step, i), 7 * i)
-                for i, v in enumerate(values)
+                MaskTarget(v, stream_key(3, domain, step, i), 7 * i) for i, v in enumerate(values)
             ]
 
-        bernoulli_keyed_(targets(fast), 0.4, chunk_lanes=1 << 14)
-        bernoulli_reference_(targets(reference), 0.4)
+        fast_kernel(targets(fast), 0.4, chunk_lanes=1 << 14)
+        reference_kernel(targets(reference), 0.4)
         assert not fast[-1].is_contiguous()
         return fast, reference
 
@@ -610,3 +579,23 @@ def test_packing_plans_are_kept_between_steps_within_their_memory_bound(
     for got, want in zip(fast, reference):
         assert_bit_identical(got, want)
     assert masking._PACK_PLANS == {}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNEL_PAIRS))
+def test_blocks_of_many_short_pieces_match_the_reference(kernel: str) -> None:
+    """Tensors just over a block leave one-element pieces, which share blocks by the
+    dozen: every piece may cost an extra word, more than a block's elements need."""
+    fast_kernel, reference_kernel, domain = KERNEL_PAIRS[kernel]
+    tensors = [torch.randn(65) for _ in range(100)]
+    fast = [t.clone() for t in tensors]
+    reference = [t.clone() for t in tensors]
+    for values, run in ((fast, fast_kernel), (reference, reference_kernel)):
+        targets = [
+            MaskTarget(v, stream_key(8, domain, 1, i), 5 * i + 1) for i, v in enumerate(values)
+        ]
+        if run is fast_kernel:
+            run(targets, 0.3, chunk_lanes=64)
+        else:
+            run(targets, 0.3)
+    for got, want in zip(fast, reference):
+        assert_bit_identical(got, want)
