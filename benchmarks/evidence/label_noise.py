@@ -33,7 +33,7 @@ from . import figures, report, training
 from .figures import FigureRecord
 
 FULL: dict[str, Any] = {
-    "seeds": 10,
+    "seeds": 20,
     "noise_levels": [0.0, 0.4],
     "train_per_class": 50,
     "batch_size": 25,

@@ -48,7 +48,7 @@ from . import data, figures, models, report
 from .figures import FigureRecord
 
 FULL: dict[str, Any] = {
-    "seeds": 10,
+    "seeds": 20,
     "shots": [1, 5],
     "n_way": 3,
     "n_query": 15,
