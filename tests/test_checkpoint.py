@@ -517,3 +517,45 @@ def test_section_holds_no_tensors_and_loads_with_any_map_location() -> None:
         buffer.seek(0)
         loaded = torch.load(buffer, map_location=location, weights_only=True)
         assert section(loaded) == section(state)
+
+
+def zero_gradient_lr_zero_step(opt: torch.optim.Optimizer) -> None:
+    """The step with which torch.distributed.checkpoint creates a fresh optimizer's state."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    lrs = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    opt.step()
+    for group, lr in zip(opt.param_groups, lrs):
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+
+
+def test_state_creation_step_of_get_optimizer_state_dict_is_not_counted() -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, opt = build()
+    get_optimizer_state_dict(model, opt)
+    assert opt.optimizer.state, "the zero-gradient step ran and created Adam's state"
+    assert (opt.step_count, opt.skipped_count) == (0, 0)
+    assert all(s.step_count == 0 for s in opt._schedulers())
+    # The reference has the same Adam state, created behind DropGrad's back: both runs
+    # must now take the same masks and skips at every step.
+    reference_model, reference = build()
+    zero_gradient_lr_zero_step(reference.optimizer)
+    train(model, opt, 0, 8)
+    train(reference_model, reference, 0, 8)
+    assert opt.skipped_count == reference.skipped_count > 0
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_zero_learning_rate_step_with_gradients_is_counted() -> None:
+    model = EncoderDecoder(0)
+    opt = DropGrad(torch.optim.Adam(model.parameters(), lr=0.0), drop_rate=0.3, seed=5)
+    train(model, opt, 0, 1)  # lr 0 but real gradients: an ordinary step
+    assert opt.step_count == 1 and opt.optimizer.state
+    zero_gradient_lr_zero_step(opt)  # Adam's state exists now: an ordinary step too
+    assert opt.step_count == 2

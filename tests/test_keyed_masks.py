@@ -126,6 +126,22 @@ def test_shards_get_their_slice_of_the_whole_mask(kernel, cuts: tuple[int, ...])
     assert torch.equal(torch.cat(shards), expected)
 
 
+@pytest.mark.parametrize(
+    ("kernel", "period"), [(bernoulli_keyed_, 1 << 33), (gaussian_keyed_, 1 << 31)]
+)
+def test_mask_repeats_with_the_documented_period(kernel, period: int) -> None:
+    # Word indices wrap at 2**32: a word covers two Bernoulli elements, a Gaussian
+    # element takes two words.
+    key = stream_key(3, MASK_DOMAIN, 1, 2)
+    base = torch.randn(1001, dtype=torch.float64)
+    near, far, half = base.clone(), base.clone(), base.clone()
+    kernel([MaskTarget(near, key, 5)], 0.5)
+    kernel([MaskTarget(far, key, 5 + period)], 0.5)
+    kernel([MaskTarget(half, key, 5 + period // 2)], 0.5)
+    assert torch.equal(near, far)
+    assert not torch.equal(near, half)
+
+
 def test_index_target_gets_the_decisions_of_its_positions() -> None:
     key = stream_key(3, MASK_DOMAIN, 1, 2)
     whole = torch.randn(3000, dtype=torch.float64)

@@ -15,7 +15,14 @@ import torch
 pytest.importorskip("triton")
 
 import dropgrad._triton_mask as triton_mask  # noqa: E402
-from dropgrad._masking import LANE_LEVELS, MaskTarget, bernoulli_keyed_  # noqa: E402
+from dropgrad._masking import (  # noqa: E402
+    LANE_LEVELS,
+    KeyColumn,
+    MaskTarget,
+    _triton_masks_,
+    bernoulli_keyed_,
+    quantize_rate,
+)
 from dropgrad._random import MASK_DOMAIN, stream_key  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -81,6 +88,29 @@ def test_kernel_matches_at_extreme_thresholds(rate: float) -> None:
     bernoulli_keyed_([MaskTarget(expected, key, 5)], rate)
     mask_with_kernel(actual, 5, rate, 1.0)
     assert torch.equal(bits(actual), bits(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_non_contiguous_tensors_are_masked_through_contiguous_copies(dtype: torch.dtype) -> None:
+    # What a CUDA step hands the kernel: several tensors, some transposed or strided,
+    # each with its own key and start; the copies are written back into the originals.
+    def views() -> list[torch.Tensor]:
+        return [
+            values(37 * 106, dtype).view(37, 106)[:, ::2],
+            values(3 * 64, dtype).view(3, 64).t(),
+            values(1001, dtype),
+            values(120, dtype).view(4, 5, 6).permute(2, 1, 0),
+        ]
+
+    expected, actual = views(), views()
+    assert [t.is_contiguous() for t in actual] == [False, False, True, False]
+    keys = [stream_key(31, MASK_DOMAIN, 4, k) for k in range(len(actual))]
+    starts = [0, 7, 2**32 - 1, 2**33 + 3]
+    bernoulli_keyed_([MaskTarget(e, k, s) for e, k, s in zip(expected, keys, starts)], 0.3, 1.5)
+    threshold, keep_scale = quantize_rate(0.3)
+    assert _triton_masks_(actual, starts, KeyColumn.from_keys(keys), threshold, 1.5 * keep_scale)
+    for got, want in zip(actual, expected):
+        assert torch.equal(bits(got), bits(want))
 
 
 def test_dropped_specials_become_positive_zero() -> None:
