@@ -49,7 +49,12 @@ _UNPICKLED_ATTRIBUTES = (
 
 @contextlib.contextmanager
 def _global_step_hooks_suspended() -> Iterator[None]:
-    """Hold back the global optimizer step hooks; restore them, and any added meanwhile."""
+    """Hold back the global optimizer step hooks; restore them, and any added meanwhile.
+
+    torch keeps these hooks in two process-wide dicts, so they are held back
+    for the whole process while the wrapped step runs: an optimizer stepped by
+    another thread at that moment does not fire them either (the README says so).
+    """
     hook_dicts: tuple[dict[int, Any], ...] = (
         torch_optimizer._global_optimizer_pre_hooks,
         torch_optimizer._global_optimizer_post_hooks,
@@ -131,7 +136,7 @@ class DropGrad(Optimizer):
     .. math::
         \tilde g_i = \frac{m_i}{1 - p} g_i, \qquad m_i \sim \mathrm{Bernoulli}(1 - p).
 
-    DropGrad is a real :class:`torch.optim.Optimizer` that shares the wrapped
+    DropGrad is a real ``torch.optim.Optimizer`` that shares the wrapped
     optimizer's ``param_groups``, ``state`` and ``defaults``: LR schedulers,
     ``torch.amp.GradScaler`` and training frameworks accept it, and its
     ``state_dict()`` checkpoints both optimizers.
@@ -140,13 +145,13 @@ class DropGrad(Optimizer):
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
         drop_rate: default rate for every parameter: a float in ``[0, 1]``,
             ``None`` (parameters without their own rate are not masked) or a
-            :class:`DropRateScheduler`. Default ``None``.
+            ``DropRateScheduler``. Default ``None``.
         params: optional per-parameter rates: a dict from a ``Parameter`` of
             ``optimizer``, or a parameter name / dotted module prefix (e.g.
             ``'encoder'``), to a rate. The most specific key wins; a
             ``Parameter`` key beats any name. A param group's own
             ``'drop_rate'`` entry sits between these and ``drop_rate``.
-        drop_rate_scheduler: a :class:`DropRateScheduler` giving the default
+        drop_rate_scheduler: a ``DropRateScheduler`` giving the default
             rate; an alternative to passing one as ``drop_rate``.
         full_update_drop: ``False`` (default), ``True`` or a probability ``q``.
             When on, each step is skipped entirely with probability ``q``
@@ -449,7 +454,7 @@ class DropGrad(Optimizer):
         """The rate each param group gets at the next step, like ``get_last_lr()``.
 
         A parameter with its own rate in ``params`` overrides its group's; see
-        :meth:`get_param_drop_rates`.
+        ``get_param_drop_rates``.
         """
         default = self.drop_rate
         return [self._group_rate(i, g, default) for i, g in enumerate(self.param_groups)]
@@ -645,9 +650,13 @@ class DropGrad(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus DropGrad's under ``"dropgrad"``.
 
-        It holds the rates, scheduler states, generator states and counters, and
-        loads with ``torch.load(weights_only=True)``. State-dict hooks registered
-        on DropGrad run as on any optimizer.
+        DropGrad's part (the seed, counters, rates, target, granularity and
+        scheduler states; no tensors) is also kept in every param group, so
+        checkpointing paths that keep only ``state`` and ``param_groups``
+        (``torch.distributed.checkpoint``, Lightning, the Hugging Face
+        ``Trainer``) carry it too. It loads with ``torch.load(weights_only=True)``
+        and any ``map_location``. State-dict hooks registered on DropGrad run as
+        on any optimizer.
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
@@ -659,11 +668,15 @@ class DropGrad(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a state dict from :meth:`state_dict` (or a plain optimizer's).
+        """Restore a state dict from ``state_dict`` (or a plain optimizer's).
 
         Loading into a fresh DropGrad around a fresh optimizer continues the run
         bit-identically. DropGrad must be built with the same kind of rate
-        (fixed or scheduler) in the same places as the saved one.
+        (fixed or scheduler) in the same places as the saved one. As torch
+        optimizers restore ``lr``, loading replaces this DropGrad's fixed rates
+        (the default, group and per-parameter ones), ``full_update_drop``, the
+        distribution, target, granularity and seed with the checkpoint's; a
+        plain optimizer's state dict (no DropGrad part) keeps them.
 
         Raises:
             ValueError: the state dict does not fit this optimizer; the message

@@ -2,7 +2,7 @@
 
 A scheduler is a small stateful object. ``get_drop_rate()`` answers the rate at
 the current ``step_count``; ``step()`` advances it. When a scheduler is handed to
-:class:`~dropgrad.DropGrad`, DropGrad advances it exactly once per optimizer step,
+``dropgrad.DropGrad``, DropGrad advances it exactly once per optimizer step,
 after that step's masks are drawn, so the k-th ``DropGrad.step()`` (0-based) uses
 the value at ``step_count == k``. Users never step a scheduler they gave to
 DropGrad.
@@ -38,8 +38,8 @@ def _check_step_index(value: Any, argument: str, *, minimum: int) -> int:
 class DropRateScheduler(ABC):
     """Base class of drop-rate schedulers.
 
-    Subclasses implement :meth:`get_drop_rate`, which returns the rate at the
-    current :attr:`step_count` as a float in ``[0, 1]``. Everything else
+    Subclasses implement ``get_drop_rate``, which returns the rate at the
+    current ``step_count`` as a float in ``[0, 1]``. Everything else
     (stepping, checkpointing) is provided. The constructor takes no arguments.
 
     ``state_dict()`` holds every instance attribute, so a subclass that keeps its
@@ -79,7 +79,7 @@ class DropRateScheduler(ABC):
         return {"step_count": self.step_count, **copy.deepcopy(self.__dict__)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore attributes saved by :meth:`state_dict`.
+        """Restore attributes saved by ``state_dict``.
 
         Raises:
             TypeError: ``state_dict`` is not a mapping.
@@ -152,7 +152,7 @@ class CosineAnnealingDropRateScheduler(_TwoEndScheduler):
         p_k = p_{final} + (p_{initial} - p_{final}) \\frac{1 + \\cos(\\pi \\min(k, N) / N)}{2}
 
     The rate stays at ``final_drop_rate`` after ``num_steps``. Arguments and
-    errors are those of :class:`LinearDropRateScheduler`.
+    errors are those of ``LinearDropRateScheduler``.
 
     Examples:
         >>> s = CosineAnnealingDropRateScheduler(0.2, 0.0, num_steps=2)

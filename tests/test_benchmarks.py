@@ -78,3 +78,27 @@ def test_quick_run_writes_markdown_and_png(
     assert "Peak memory" in markdown
     png = (out / "step_overhead.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_op_count_quick_run_writes_its_reports(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "op_count.py"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads((tmp_path / "op_count.json").read_text())
+    assert report["quick"] is True
+    rows = report["results"]
+    assert [(row["numel"], row["tensors"]) for row in rows] == [
+        (4_096, 1),
+        (65_536, 1),
+        (8_000, 80),
+    ]
+    for row in rows:
+        # SGD's own step on CPU is one add_ per parameter; DropGrad adds its masking.
+        assert row["bare_ops"] == row["tensors"]
+        assert row["added_ops"] == row["dropgrad_ops"] - row["bare_ops"] > 0
+    assert (tmp_path / "op_count.md").read_text().count("\n| ") == len(rows) + 1

@@ -692,23 +692,32 @@ def test_unmatched_parameters_with_no_default_are_bit_identical() -> None:
                 assert torch.equal(grad, original[name]), name
 
 
-def test_readme_weights_and_biases_snippet() -> None:
-    net = mlp()
-    drop_rate_weights, drop_rate_biases = 0.1, 0.01
-    params_weights = [p for n, p in net.named_parameters() if p.requires_grad and "weight" in n]
-    params_biases = [p for n, p in net.named_parameters() if p.requires_grad and "bias" in n]
-    param_drop_rates = {p: drop_rate_weights for p in params_weights}
-    param_drop_rates.update({p: drop_rate_biases for p in params_biases})
-    opt_unwrapped = torch.optim.Adam(net.parameters(), lr=1e-3)
-    opt = DropGrad(opt_unwrapped, drop_rate=None, params=param_drop_rates)
-    train(opt, net, 2)
-    assert opt.get_param_drop_rates() == {
-        "param_groups[0][0]": 0.1,
-        "param_groups[0][1]": 0.01,
-        "param_groups[0][2]": 0.1,
-        "param_groups[0][3]": 0.01,
-    }
-    assert opt.step_count == 2
+class TwoHidden(nn.Module):
+    """The README's per-parameter example network: hidden1, hidden2 and an output layer."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.hidden1 = nn.Linear(IN_FEATURES, 16)
+        self.hidden2 = nn.Linear(16, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden2(torch.tanh(self.hidden1(x)))))
+
+
+def test_readme_per_parameter_snippet() -> None:
+    net, bare_net = TwoHidden(), TwoHidden()
+    rates = {net.hidden1.weight: 0.2, net.hidden2.weight: 0.05}
+    opt = DropGrad(torch.optim.Adam(net.parameters(), lr=1e-3), params=rates)
+    train(opt, net, 1)
+    train(torch.optim.Adam(bare_net.parameters(), lr=1e-3), bare_net, 1)
+    assert opt.get_param_drop_rates() == {"param_groups[0][0]": 0.2, "param_groups[0][2]": 0.05}
+    # After one step from the same gradients, the parameters without a rate have taken
+    # exactly the bare Adam step, and the two masked weight matrices have not.
+    for (name, p), bare in zip(net.named_parameters(), bare_net.parameters()):
+        masked = name in ("hidden1.weight", "hidden2.weight")
+        assert torch.equal(p, bare) != masked, name
 
 
 def test_readme_encoder_decoder_snippet() -> None:
