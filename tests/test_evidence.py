@@ -247,6 +247,18 @@ def test_quick_run_writes_runs_tables_and_figures(quick_results: Path):
         assert (quick_results / "figures" / name).is_file()
 
 
+def test_meta_records_the_checkout_as_it_was_before_results_were_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Writing into a tracked results directory dirties the checkout; the record must
+    # name the state the runs were made from.
+    states = iter(["abc1234", "abc1234+dirty"])
+    monkeypatch.setattr(runner, "_git_state", lambda: next(states))
+    code = cli.main(["--quick", "--out", str(tmp_path), "--experiments", "motion"])
+    assert code == 0
+    assert json.loads((tmp_path / "motion" / "meta.json").read_text())["git"] == "abc1234"
+
+
 def test_motion_measures_what_each_optimizer_does_with_a_dropped_entry(quick_results: Path):
     rows = {row["arm"]: row for row in _csv(quick_results / "motion" / "summary.csv")}
     # Plain SGD cannot move a coordinate whose gradient is zero; momentum and Adam do.

@@ -125,7 +125,7 @@ def _write(
         "runs": len(ordered),
         "cpu_seconds_in_runs": round(sum(r["seconds"] for r in ordered), 1),
         "invocation": {k: invocation[k] for k in ("experiments", "jobs", "wall_seconds", "done")},
-        "git": _git_state(),
+        "git": invocation["git"],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -161,7 +161,15 @@ def run(
                 runs[name] = json.loads(path.read_text())
     started = time.time()
     n_stages = max(len(experiment(name).STAGES) for name in names)
-    invocation = {"command": command, "quick": quick, "experiments": list(names), "jobs": n_jobs}
+    # The checkout's state before anything is written: the results directory may be
+    # tracked (the committed results are), and writing it would mark the checkout dirty.
+    invocation = {
+        "command": command,
+        "quick": quick,
+        "experiments": list(names),
+        "jobs": n_jobs,
+        "git": _git_state(),
+    }
     for stage in range(n_stages):
         jobs = []
         for name in names:
