@@ -502,6 +502,15 @@ def test_committed_runs_are_complete():
     assert len(lm_runs) == len(language_model.ARMS) * config["seeds"]
 
 
+@committed_only
+def test_committed_runs_used_the_current_full_settings():
+    # A change to an experiment's settings (its seeds, say) must come with a new run.
+    for name in runner.EXPERIMENTS:
+        meta = json.loads((COMMITTED / name / "meta.json").read_text())
+        full = json.loads(json.dumps(runner.experiment(name).FULL))
+        assert meta["config"] == full, name
+
+
 # ------------------------------------------------------------------ figure check
 
 

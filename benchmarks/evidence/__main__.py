@@ -8,10 +8,10 @@ Examples::
     python -m benchmarks.evidence --experiments meta_learning motion --jobs 2
     python -m benchmarks.evidence --experiments tuned --resume --jobs 2  # finish a cut-off run
 
-Cost of the full run: 1,688 training runs. On a 2-core Intel Xeon, ``--jobs 2`` took
-1,135 s of wall time (19 minutes) for 2,261 CPU-seconds of runs (the ``cpu_seconds_in_runs``
-of the committed ``meta.json`` files); each run uses one thread, so ``--jobs 1`` takes about
-38 minutes. ``--quick`` takes about 15 seconds.
+Cost of the full run: 1,908 training runs, about 2,800 CPU-seconds on the 2-core Intel Xeon
+that made the first committed run (see "Reproducing the numbers" in docs/analysis.md), so
+about 24 minutes with ``--jobs 2``; each run uses one thread, so ``--jobs 1`` takes about
+twice as long. ``--quick`` takes 15 to 30 seconds.
 """
 
 from __future__ import annotations
