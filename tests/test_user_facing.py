@@ -185,3 +185,20 @@ def test_citation_and_changelog_name_the_package_version() -> None:
     changelog = (REPO_ROOT / "CHANGELOG.md").read_text()
     first_entry = re.search(r"^## (\S+)$", changelog, re.M)
     assert first_entry is not None and first_entry.group(1) == dropgrad.__version__
+
+
+def test_does_it_help_quotes_only_numbers_the_analysis_gives() -> None:
+    # The README's summary must stay in step with docs/analysis.md as that grows: every
+    # number it quotes (a rate, an effect, an interval end, a count) appears there.
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    summary = readme[readme.index("## Does it help?") : readme.index("## Which DropGrad this is")]
+    analysis = (REPO_ROOT / "docs" / "analysis.md").read_text(encoding="utf-8")
+    number = re.compile(r"(?<![\w.])[−+-]?\d[\d,]*(?:\.\d+)?")
+
+    def normalized(token: str) -> str:
+        return token.replace("−", "-").lstrip("+")
+
+    given = {normalized(token) for token in number.findall(analysis)}
+    quoted = [normalized(token) for token in number.findall(summary)]
+    assert len(quoted) > 20
+    assert [token for token in quoted if token not in given] == []
