@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# Run as a script, this file's folder is on sys.path: the parameters are the timing
+# benchmark's, built the same way.
+from step_overhead import make_parameters
 from torch.profiler import ProfilerActivity, profile
 
 from dropgrad import DropGrad
@@ -49,12 +53,7 @@ def count_step_ops(optimizer: torch.optim.Optimizer) -> int:
 
 
 def count_case(total: int, tensors: int) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(0)
-    params = []
-    for _ in range(tensors):
-        param = torch.nn.Parameter(torch.randn(total // tensors, generator=generator))
-        param.grad = torch.randn(param.shape, generator=generator)
-        params.append(param)
+    params = make_parameters(total, tensors, torch.device("cpu"), torch.Generator().manual_seed(0))
     bare = torch.optim.SGD(params, lr=1e-3)
     wrapped = DropGrad(torch.optim.SGD(params, lr=1e-3), drop_rate=0.1, seed=0)
     for _ in range(2):  # warm-up: plans and buffers are built at the first step
