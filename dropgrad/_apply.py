@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
@@ -45,7 +45,15 @@ from .functional import sparse_value_index
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-__all__ = ["Located", "Planned", "UpdateSnapshots", "is_dtensor", "locate", "mask_all"]
+__all__ = [
+    "Located",
+    "Planned",
+    "UpdateSnapshots",
+    "is_dtensor",
+    "locate",
+    "mask_all",
+    "mask_dense_buckets",
+]
 
 Kernel = Callable[..., None]
 
@@ -272,6 +280,35 @@ def mask_all(
             )
         ]
         kernel(targets, rate, scale)
+
+
+def mask_dense_buckets(
+    buckets: Mapping[tuple[torch.device, torch.dtype, float], tuple[list[Tensor], list[int]]],
+    seed: int,
+    step: int,
+    distribution: str,
+    scale: float,
+) -> None:
+    """Mask whole dense tensors elementwise, one kernel call per bucket.
+
+    The same result as :func:`mask_all` with the fast kernels for entries whose
+    tensors are whole, plain dense tensors (their elements start at global index
+    0) with a positive rate at element granularity, without one object per tensor.
+
+    Args:
+        buckets: ``(device, dtype, rate)`` to the tensors of that bucket and their
+            parameters' positions in ``param_groups``.
+        seed, step, distribution, scale: as for :func:`mask_all`.
+    """
+    domain = GAUSSIAN_DOMAIN if distribution == "gaussian" else MASK_DOMAIN
+    for (_, _, rate), (values, positions) in buckets.items():
+        keys = KeyColumn.from_table(stream_key_table(seed, domain, step, positions))
+        starts = [0] * len(values)
+        if distribution == "bernoulli":
+            bernoulli_columns_(values, starts, keys, rate, scale)
+        else:
+            targets = [MaskTarget(v, keys.key(row), 0) for row, v in enumerate(values)]
+            gaussian_keyed_(targets, rate, scale)
 
 
 class _Bucket(NamedTuple):

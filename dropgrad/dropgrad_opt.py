@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import torch
 from torch import Tensor
@@ -13,7 +13,15 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as torch_optimizer
 
 from . import _checkpoint
-from ._apply import Located, Planned, UpdateSnapshots, is_dtensor, locate, mask_all
+from ._apply import (
+    Located,
+    Planned,
+    UpdateSnapshots,
+    is_dtensor,
+    locate,
+    mask_all,
+    mask_dense_buckets,
+)
 from ._random import resolve_seed, skip_decision
 from ._rates import (
     GRANULARITIES,
@@ -70,6 +78,20 @@ def _global_step_hooks_suspended() -> Iterator[None]:
             hooks.clear()
             hooks.update(kept)
             hooks.update(added)
+
+
+class _GroupPlan(NamedTuple):
+    """A param group's share of a step when every parameter takes its group's settings.
+
+    Attributes:
+        first: position of the group's first parameter in ``param_groups``.
+        params: the group's parameter list.
+        rate: the group's rate at this step (``None`` or 0: not masked).
+    """
+
+    first: int
+    params: list[Tensor]
+    rate: float | None
 
 
 def _check_rate(value: Any, argument: str) -> Rate:
@@ -488,6 +510,68 @@ class DropGrad(Optimizer):
             return self.drop_rate or 0.0
         return float(setting)
 
+    def _element_groups(self) -> list[_GroupPlan] | None:
+        """The common plan, one entry per param group, or ``None`` for the general one.
+
+        When no parameter has its own rate and every group masks gradients
+        elementwise, a parameter's settings are its group's, and a step needs
+        no object per parameter (``_plan`` builds one). ``None`` when that does
+        not hold, when a parameter is listed twice, or when the plain
+        reference kernels are in use.
+        """
+        if self._param_rates or self._mask_impl == "reference":
+            return None
+        default = self._current(self._default_rate, "drop_rate")
+        groups: list[_GroupPlan] = []
+        seen: set[int] = set()
+        position = 0
+        for i, group in enumerate(self.param_groups):
+            if group.get("target", self._target) != "gradient":
+                return None
+            if group.get("granularity", self._granularity) != "element":
+                return None
+            params = group["params"]
+            seen.update(map(id, params))
+            groups.append(_GroupPlan(position, params, self._group_rate(i, group, default)))
+            position += len(params)
+        return groups if len(seen) == position else None
+
+    @torch.no_grad()
+    def _mask_group_gradients(self, groups: list[_GroupPlan], scale: float) -> None:
+        """``_mask_gradients`` for an ``_element_groups`` plan.
+
+        Plain dense gradients are bucketed by device, dtype and rate straight
+        from the groups; the rest (sparse gradients, DTensors, unmasked
+        gradients to scale) take the general path.
+        """
+        buckets: dict[tuple[torch.device, torch.dtype, float], tuple[list[Tensor], list[int]]]
+        buckets = {}
+        general: list[Planned] = []
+        for first, params, rate in groups:
+            if not rate:
+                if scale != 1.0:
+                    general += [
+                        Planned(first + j, p, rate, "gradient", "element")
+                        for j, p in enumerate(params)
+                    ]
+                continue
+            for j, param in enumerate(params):
+                grad = param.grad
+                if grad is None:
+                    continue
+                if type(grad) is not Tensor or grad.is_sparse:
+                    general.append(Planned(first + j, param, rate, "gradient", "element"))
+                    continue
+                where = (grad.device, grad.dtype, rate)
+                bucket = buckets.get(where)
+                if bucket is None:
+                    bucket = buckets[where] = ([], [])
+                bucket[0].append(grad)
+                bucket[1].append(first + j)
+        if general:
+            self._mask_gradients(general, scale)
+        mask_dense_buckets(buckets, self.seed, self.step_count, self.distribution, scale)
+
     @torch.no_grad()
     def _mask_gradients(self, plan: list[Planned], scale: float) -> None:
         """Mask every gradient whose parameter's target is the gradient, in place."""
@@ -586,7 +670,8 @@ class DropGrad(Optimizer):
         """
         if self._is_state_initialization():
             return self._run_wrapped_step(closure)
-        plan = self._plan()
+        groups = self._element_groups()
+        plan = self._plan() if groups is None else []
         skip_probability = self._skip_probability()
         if skip_decision(self.seed, self.step_count, skip_probability):
             loss = None
@@ -603,15 +688,22 @@ class DropGrad(Optimizer):
         snapshots = UpdateSnapshots(
             [e for e in plan if e.target == "update" and self._needs_snapshot(e, scale)]
         )
+
+        def mask_gradients() -> None:
+            if groups is None:
+                self._mask_gradients(plan, scale)
+            else:
+                self._mask_group_gradients(groups, scale)
+
         if closure is None:
-            self._mask_gradients(plan, scale)
+            mask_gradients()
             loss = self._run_wrapped_step(None)
         else:
 
             def masked_closure() -> Any:
                 with torch.enable_grad():
                     value = closure()
-                self._mask_gradients(plan, scale)
+                mask_gradients()
                 return value
 
             loss = self._run_wrapped_step(masked_closure)

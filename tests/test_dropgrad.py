@@ -8,6 +8,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -922,6 +923,98 @@ def test_fast_and_reference_masks_train_identically(full_update_drop: float) -> 
     fast = _mixed_size_run("fast", full_update_drop)
     for a, b in zip(reference, fast):
         assert torch.equal(a, b)
+
+
+def _group_plan_run(
+    general: bool, distribution: str, full_update_drop: float
+) -> list[torch.Tensor]:
+    """Train a model whose groups cover the cases the per-group plan sorts out."""
+    generator = torch.Generator().manual_seed(3)
+    dense = [nn.Parameter(torch.randn(s, generator=generator)) for s in [(40, 30), (7,), (5, 5)]]
+    doubles = nn.Parameter(torch.randn(6, 4, dtype=torch.float64, generator=generator))
+    halves = nn.Parameter(torch.randn(33, dtype=torch.bfloat16, generator=generator))
+    embedding = nn.Embedding(20, 3, sparse=True)
+    with torch.no_grad():
+        embedding.weight.copy_(torch.randn(20, 3, generator=generator))
+    unused = nn.Parameter(torch.zeros(4))  # never gets a gradient
+    frozen = nn.Parameter(torch.randn(9, generator=generator))
+    base = torch.optim.SGD(
+        [
+            {"params": dense + [unused], "drop_rate": 0.3},
+            {"params": [doubles, halves]},
+            {"params": [frozen], "drop_rate": 0.0},
+            {"params": [embedding.weight], "drop_rate": 0.5},
+        ],
+        lr=0.1,
+    )
+    opt = DropGrad(
+        base,
+        drop_rate=0.2,
+        distribution=distribution,
+        full_update_drop=full_update_drop,
+        seed=11,
+    )
+    if general:
+        opt._element_groups = lambda: None  # type: ignore[method-assign]
+    params = dense + [doubles, halves, frozen]
+    for step in range(4):
+        for p in params:
+            p.grad = torch.randn(p.shape, dtype=p.dtype, generator=generator)
+        # A transposed view exercises the non-contiguous path.
+        dense[0].grad = torch.randn(30, 40, generator=generator).t()
+        embedding(torch.tensor([1, 4, 4, 7 + step])).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in params + [embedding.weight, unused]]
+
+
+@pytest.mark.parametrize("distribution", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("full_update_drop", [0.0, 0.25])
+def test_group_plan_matches_general_plan(distribution: str, full_update_drop: float) -> None:
+    general = _group_plan_run(True, distribution, full_update_drop)
+    grouped = _group_plan_run(False, distribution, full_update_drop)
+    for a, b in zip(general, grouped):
+        assert torch.equal(a, b)
+
+
+def test_group_plan_serves_the_common_case_without_a_per_parameter_plan() -> None:
+    params = [nn.Parameter(torch.zeros(50)) for _ in range(3)]
+    opt = DropGrad(torch.optim.SGD(params, lr=1.0), drop_rate=0.5, seed=0)
+    groups = opt._element_groups()
+    assert groups is not None
+    assert [(g.first, g.rate) for g in groups] == [(0, 0.5)]
+
+    def refuse() -> None:
+        raise AssertionError("the per-parameter plan was built")
+
+    opt._plan = refuse  # type: ignore[assignment, method-assign]
+    for p in params:
+        p.grad = torch.ones(50)
+    opt.step()
+    assert all(0 < torch.count_nonzero(p) < 50 for p in params)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["per-parameter rate", "update target", "row granularity", "listed twice", "reference"],
+)
+def test_group_plan_steps_aside_when_parameters_differ(change: str) -> None:
+    params = [nn.Parameter(torch.zeros(6, 5)) for _ in range(2)]
+    group: dict[str, Any] = {"params": list(params)}
+    if change == "update target":
+        group["target"] = "update"
+    if change == "row granularity":
+        group["granularity"] = "row"
+    if change == "listed twice":
+        group["params"].append(params[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about the duplicate
+        base = torch.optim.SGD([group], lr=1.0)
+    own = {params[1]: 0.9} if change == "per-parameter rate" else None
+    opt = DropGrad(base, drop_rate=0.5, params=own, seed=0)
+    if change == "reference":
+        opt._mask_impl = "reference"
+    assert opt._element_groups() is None
 
 
 # ------------------------------------------------------------ 6. schedulers
