@@ -582,6 +582,44 @@ def test_packing_plans_are_kept_between_steps_within_their_memory_bound(
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNEL_PAIRS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex128])
+@pytest.mark.parametrize("odd_start", [False, True])
+def test_blocks_of_one_shape_are_filled_by_one_stack(
+    monkeypatch: pytest.MonkeyPatch, kernel: str, dtype: torch.dtype, odd_start: bool
+) -> None:
+    """Tensors of one shape that fill their rows exactly are packed by one
+    torch.stack (transposed ones among them); one that starts at the high half of
+    a word needs a pad lane, so Bernoulli blocks fall back to one copy per tensor.
+    Both give the reference's results."""
+    fast_kernel, reference_kernel, domain = KERNEL_PAIRS[kernel]
+    generator = torch.Generator().manual_seed(8)
+    tensors = [torch.randn(8, 5, generator=generator).to(dtype) for _ in range(30)]
+    tensors += [torch.randn(5, 8, generator=generator).to(dtype).t() for _ in range(3)]
+    starts = [40 * i for i in range(len(tensors))]
+    if odd_start:
+        starts[4] += 1
+    fast = [t.clone().t().contiguous().t() if not t.is_contiguous() else t.clone() for t in tensors]
+    reference = [t.clone() for t in tensors]
+    assert not fast[-1].is_contiguous()
+
+    def targets(values: list[torch.Tensor]) -> list[MaskTarget]:
+        return [
+            MaskTarget(v, stream_key(5, domain, 2, i), start)
+            for i, (v, start) in enumerate(zip(values, starts))
+        ]
+
+    monkeypatch.setattr(masking, "_PACK_PLANS", {})
+    monkeypatch.setattr(masking, "_pack_plan_bytes", 0)
+    fast_kernel(targets(fast), 0.4)
+    reference_kernel(targets(reference), 0.4)
+    for got, want in zip(fast, reference):
+        assert_bit_identical(got, want)
+    (plan,) = masking._PACK_PLANS.values()
+    stacked = [block.stacked is not None for block in plan.blocks]
+    assert stacked == [not (odd_start and kernel == "bernoulli")]
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNEL_PAIRS))
 def test_blocks_of_many_short_pieces_match_the_reference(kernel: str) -> None:
     """Tensors just over a block leave one-element pieces, which share blocks by the
     dozen: every piece may cost an extra word, more than a block's elements need."""
