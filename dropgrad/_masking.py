@@ -532,7 +532,9 @@ def _bernoulli_consecutive_(
 def _by_size(values: Sequence[Tensor], small_lanes: int) -> tuple[list[int], list[int]]:
     """Positions of the tensors to pack (at most ``small_lanes`` elements) and of
     those to mask in place; empty tensors are in neither."""
-    numels = [v.numel() for v in values]
+    numels = list(map(Tensor.numel, values))
+    if len(numels) > 1 and 0 < min(numels) and max(numels) <= small_lanes:
+        return list(range(len(numels))), []  # the common case of many small tensors
     small = [i for i, n in enumerate(numels) if 0 < n <= small_lanes]
     if len(small) < 2:  # one small tensor costs less masked in place than copied twice
         small = []
@@ -738,8 +740,11 @@ def _packed_blocks(
     if not small:
         return
     device = values[0].device
-    tensors = [values[i] for i in small]
-    plan = _pack_plan(tensors, [starts[i] for i in small], pack_lanes, noise)
+    if len(small) == len(values):
+        tensors, small_starts = values, starts
+    else:
+        tensors, small_starts = [values[i] for i in small], [starts[i] for i in small]
+    plan = _pack_plan(tensors, small_starts, pack_lanes, noise)
     in_order = plan.in_order and len(small) == len(values)
     multipliers, offsets = keys.signed(None if in_order else [small[j] for j in plan.order])
     multipliers, offsets = multipliers.to(device), offsets.to(device)
