@@ -754,7 +754,7 @@ def _packed_blocks(
     iota = _iota(max(packed.width for packed in plan.blocks), device)
     for packed in plan.blocks:
         if plan.in_order:
-            members = tensors[packed.first : packed.stop]
+            members = list(tensors[packed.first : packed.stop])
         else:
             members = [tensors[j] for j in plan.order[packed.first : packed.stop]]
         views = packed.views if packed.views is not None else _block_views(plan, packed)
