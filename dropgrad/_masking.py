@@ -24,8 +24,9 @@ multiplier). Tensors of at most ``2**14`` elements are packed
 (:func:`_packed_blocks`): a plan, kept between steps on CPU within a byte
 bound, puts tensors with about the same number of words into the rows of a
 block, so a block's hash inputs are one broadcast op over a row per tensor,
-and its elements reach a shared buffer and come back by one foreach copy each
-way; a thousand small gradients cost a few dozen ops. Larger tensors are
+and its elements reach a shared buffer by one ``torch.stack`` (one foreach copy
+when their shapes differ) and come back by one foreach copy; a thousand small
+gradients cost a few dozen ops. Larger tensors are
 masked in place by :func:`iter_blocks`, several to a block, a tensor larger
 than a block in pieces. Words are hashed with eleven integer ops per block.
 Temporaries stay bounded by the block size whatever the parameter size, and the
