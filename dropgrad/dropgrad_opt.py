@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias, cast
 
 import torch
 from torch import Tensor
@@ -78,6 +79,24 @@ def _global_step_hooks_suspended() -> Iterator[None]:
             hooks.clear()
             hooks.update(kept)
             hooks.update(added)
+
+
+_DTYPE_OF = operator.attrgetter("dtype")
+_DEVICE_OF = operator.attrgetter("device")
+_LAYOUT_OF = operator.attrgetter("layout")
+
+
+def _uniform_dense(grads: list[Any]) -> tuple[torch.device, torch.dtype] | None:
+    """The device and dtype of ``grads`` when all are plain dense tensors sharing them."""
+    if not grads or set(map(type, grads)) != {Tensor}:
+        return None  # a None, a subclass (DTensor) or nothing at all
+    if set(map(_LAYOUT_OF, grads)) != {torch.strided}:
+        return None
+    dtypes = set(map(_DTYPE_OF, grads))
+    devices = set(map(_DEVICE_OF, grads))
+    if len(dtypes) != 1 or len(devices) != 1:
+        return None
+    return next(iter(devices)), next(iter(dtypes))
 
 
 class _GroupPlan(NamedTuple):
@@ -555,19 +574,24 @@ class DropGrad(Optimizer):
                         for j, p in enumerate(params)
                     ]
                 continue
-            for j, param in enumerate(params):
-                grad = param.grad
+            grads = [param.grad for param in params]
+            uniform = _uniform_dense(grads)
+            if uniform is not None:
+                # The usual group: every gradient present, dense, of one dtype and
+                # device; checked a property at a time rather than per gradient.
+                bucket = buckets.setdefault((*uniform, rate), ([], []))
+                bucket[0].extend(cast(list[Tensor], grads))
+                bucket[1].extend(range(first, first + len(grads)))
+                continue
+            for j, (param, grad) in enumerate(zip(params, grads)):
                 if grad is None:
                     continue
                 if type(grad) is not Tensor or grad.is_sparse:
                     general.append(Planned(first + j, param, rate, "gradient", "element"))
                     continue
-                where = (grad.device, grad.dtype, rate)
-                bucket = buckets.get(where)
-                if bucket is None:
-                    bucket = buckets[where] = ([], [])
-                bucket[0].append(grad)
-                bucket[1].append(first + j)
+                values, positions = buckets.setdefault((grad.device, grad.dtype, rate), ([], []))
+                values.append(grad)
+                positions.append(first + j)
         if general:
             self._mask_gradients(general, scale)
         mask_dense_buckets(buckets, self.seed, self.step_count, self.distribution, scale)

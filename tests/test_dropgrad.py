@@ -22,6 +22,7 @@ from dropgrad import (
     StepDropRateScheduler,
 )
 from dropgrad._masking import CHUNK_LANES, quantize_rate
+from dropgrad.dropgrad_opt import _uniform_dense
 
 from ._helpers import ALL_DTYPES
 
@@ -938,8 +939,11 @@ def _group_plan_run(
         embedding.weight.copy_(torch.randn(20, 3, generator=generator))
     unused = nn.Parameter(torch.zeros(4))  # never gets a gradient
     frozen = nn.Parameter(torch.randn(9, generator=generator))
+    # A group whose gradients are all present, dense and of one dtype and device.
+    uniform = [nn.Parameter(torch.randn(s, generator=generator)) for s in [(3, 4), (2_000,)]]
     base = torch.optim.SGD(
         [
+            {"params": uniform, "drop_rate": 0.4},
             {"params": dense + [unused], "drop_rate": 0.3},
             {"params": [doubles, halves]},
             {"params": [frozen], "drop_rate": 0.0},
@@ -956,7 +960,7 @@ def _group_plan_run(
     )
     if general:
         opt._element_groups = lambda: None  # type: ignore[method-assign]
-    params = dense + [doubles, halves, frozen]
+    params = uniform + dense + [doubles, halves, frozen]
     for step in range(4):
         for p in params:
             p.grad = torch.randn(p.shape, dtype=p.dtype, generator=generator)
@@ -975,6 +979,14 @@ def test_group_plan_matches_general_plan(distribution: str, full_update_drop: fl
     grouped = _group_plan_run(False, distribution, full_update_drop)
     for a, b in zip(general, grouped):
         assert torch.equal(a, b)
+
+
+def test_uniform_dense_recognizes_only_present_dense_gradients_of_one_kind() -> None:
+    a, b = torch.zeros(3), torch.ones(2, 2)
+    assert _uniform_dense([a, b]) == (torch.device("cpu"), torch.float32)
+    sparse = torch.zeros(4).to_sparse()
+    for grads in ([], [a, None], [a, sparse], [a, b.double()], [a, nn.Parameter(b)]):
+        assert _uniform_dense(grads) is None
 
 
 def test_group_plan_serves_the_common_case_without_a_per_parameter_plan() -> None:
