@@ -270,16 +270,32 @@ def mask_all(
         # Rows are appended in increasing order, so a bucket as long as the
         # table holds every row, in order.
         own = keys if len(bucket.rows) == len(table) else KeyColumn.from_table(table[bucket.rows])
-        if kernel is bernoulli_keyed_ and all(index is None for index in bucket.indices):
-            bernoulli_columns_(bucket.values, bucket.starts, own, rate, scale)
-            continue
-        targets = [
-            MaskTarget(values, own.key(number), start, index)
-            for number, (values, start, index) in enumerate(
-                zip(bucket.values, bucket.starts, bucket.indices)
-            )
-        ]
-        kernel(targets, rate, scale)
+        indices = None if all(index is None for index in bucket.indices) else bucket.indices
+        _mask_bucket(kernel, bucket.values, bucket.starts, indices, own, rate, scale)
+
+
+def _mask_bucket(
+    kernel: Kernel,
+    values: list[Tensor],
+    starts: list[int],
+    indices: list[Tensor | None] | None,
+    keys: KeyColumn,
+    rate: float,
+    scale: float,
+) -> None:
+    """Mask one bucket's tensors, ``keys`` holding their stream keys in order.
+
+    ``indices`` is ``None`` when every tensor's elements are consecutive from
+    its start; fast Bernoulli masks then take the key table as it is.
+    """
+    if kernel is bernoulli_keyed_ and indices is None:
+        bernoulli_columns_(values, starts, keys, rate, scale)
+        return
+    targets = [
+        MaskTarget(tensor, keys.key(number), start, None if indices is None else indices[number])
+        for number, (tensor, start) in enumerate(zip(values, starts))
+    ]
+    kernel(targets, rate, scale)
 
 
 def mask_dense_buckets(
@@ -300,15 +316,11 @@ def mask_dense_buckets(
             parameters' positions in ``param_groups``.
         seed, step, distribution, scale: as for :func:`mask_all`.
     """
+    kernel = _kernel(distribution, "fast")
     domain = GAUSSIAN_DOMAIN if distribution == "gaussian" else MASK_DOMAIN
     for (_, _, rate), (values, positions) in buckets.items():
         keys = KeyColumn.from_table(stream_key_table(seed, domain, step, positions))
-        starts = [0] * len(values)
-        if distribution == "bernoulli":
-            bernoulli_columns_(values, starts, keys, rate, scale)
-        else:
-            targets = [MaskTarget(v, keys.key(row), 0) for row, v in enumerate(values)]
-            gaussian_keyed_(targets, rate, scale)
+        _mask_bucket(kernel, values, [0] * len(values), None, keys, rate, scale)
 
 
 class _Bucket(NamedTuple):

@@ -741,12 +741,13 @@ def _packed_blocks(
     if not small:
         return
     device = values[0].device
-    if len(small) == len(values):
+    every = len(small) == len(values)
+    if every:
         tensors, small_starts = values, starts
     else:
         tensors, small_starts = [values[i] for i in small], [starts[i] for i in small]
     plan = _pack_plan(tensors, small_starts, pack_lanes, noise)
-    in_order = plan.in_order and len(small) == len(values)
+    in_order = plan.in_order and every
     multipliers, offsets = keys.signed(None if in_order else [small[j] for j in plan.order])
     multipliers, offsets = multipliers.to(device), offsets.to(device)
     # Word w of a tensor's stream hashes b + a * (first + w): fold the first

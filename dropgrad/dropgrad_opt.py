@@ -540,20 +540,27 @@ class DropGrad(Optimizer):
         """
         if self._param_rates or self._mask_impl == "reference":
             return None
-        default = self._current(self._default_rate, "drop_rate")
-        groups: list[_GroupPlan] = []
         seen: set[int] = set()
-        position = 0
-        for i, group in enumerate(self.param_groups):
+        count = 0
+        for group in self.param_groups:
             if group.get("target", self._target) != "gradient":
                 return None
             if group.get("granularity", self._granularity) != "element":
                 return None
+            seen.update(map(id, group["params"]))
+            count += len(group["params"])
+        if len(seen) != count:
+            return None
+        # Rates are read only once the plan is settled, so a scheduler is not
+        # asked twice in a step that falls back to _plan.
+        default = self._current(self._default_rate, "drop_rate")
+        groups: list[_GroupPlan] = []
+        position = 0
+        for i, group in enumerate(self.param_groups):
             params = group["params"]
-            seen.update(map(id, params))
             groups.append(_GroupPlan(position, params, self._group_rate(i, group, default)))
             position += len(params)
-        return groups if len(seen) == position else None
+        return groups
 
     @torch.no_grad()
     def _mask_group_gradients(self, groups: list[_GroupPlan], scale: float) -> None:
