@@ -54,6 +54,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _native
 from ._random import StreamKey, hash_words_, signed_int32, words_reference
 
 __all__ = [
@@ -391,6 +392,13 @@ class KeyColumn:
             self._rows = self._table.tolist()
         return StreamKey._make(self._rows[row])
 
+    def table(self) -> Tensor:
+        """Every key as one CPU int64 tensor of shape ``(n, 2)``: ``a, b`` per row."""
+        if self._keys is not None:
+            return torch.tensor(self._keys, dtype=torch.int64).reshape(-1, 2)
+        assert self._table is not None
+        return self._table.reshape(-1, 2).contiguous()
+
     def signed(self, rows: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
         """``a`` and ``b`` of the keys in ``rows`` (default: all, in order) as int32
         with the same bits, on the CPU."""
@@ -463,7 +471,9 @@ def bernoulli_columns_(
     scaled as in the reference. Small tensors are copied into a packed buffer
     and masked together (see :class:`_PackPlan`); larger ones are masked in
     place, block by block. On CUDA, when Triton is available, each tensor is
-    masked by one fused kernel instead.
+    masked by one fused kernel instead, and float32 and float64 tensors on the
+    CPU by the native kernel of ``_native.py`` when it could be built (one pass
+    per tensor, no packing).
     """
     if values and not _trivial_(values, quantize_rate(rate)[0], scale):
         _bernoulli_consecutive_(values, starts, keys, rate, scale, chunk_lanes)
@@ -490,6 +500,12 @@ def _bernoulli_consecutive_(
     device = values0.device
     if device.type != "cpu" and _triton_masks_(values, starts, keys, threshold, factor):
         return
+    if device.type == "cpu" and _native.supports(values):
+        dense, write_back = _dense(values)
+        if _native.bernoulli_(dense, starts, keys.table(), threshold, factor):
+            for original, copy in write_back:
+                original.copy_(copy)
+            return
     block_lanes, pack_lanes, small_lanes = _block_sizes(device, chunk_lanes)
     small, large = _by_size(values, small_lanes)
     # threshold is in [1, 65535] here, so both bounds fit in int16.

@@ -1,14 +1,20 @@
-"""Mask kernels: rate quantization, fast/reference agreement, statistics, memory."""
+"""Mask kernels: rate quantization, fast/reference agreement, statistics, memory.
+
+These tests pin down the torch-op path (blocks, packing plans, chunk sizes), so
+the native CPU kernel is switched off here; ``test_native.py`` holds it to the
+same reference.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
 import dropgrad._masking as masking
+from dropgrad import _native
 from dropgrad._masking import (
     CHUNK_LANES,
     LANE_LEVELS,
@@ -26,6 +32,12 @@ from ._helpers import ALL_DTYPES, peak_temporary_bytes, random_tensor
 
 SEED = 20260
 DTYPES = ALL_DTYPES
+
+
+@pytest.fixture(autouse=True)
+def torch_op_path() -> Iterator[None]:
+    with _native.disabled():
+        yield
 
 
 def generator(seed: int = SEED) -> int:

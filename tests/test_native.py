@@ -1,0 +1,293 @@
+"""The native CPU mask kernel: bit-for-bit the reference path, and a safe fallback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import dropgrad
+from dropgrad import DropGrad, _native
+from dropgrad._masking import (
+    KeyColumn,
+    MaskTarget,
+    bernoulli_columns_,
+    bernoulli_keyed_,
+    bernoulli_reference_,
+)
+from dropgrad._random import MASK_DOMAIN, stream_key
+
+from ._helpers import ALL_DTYPES, random_tensor
+from .test_masking import TENSOR_SETS, TensorFactory, assert_bit_identical
+
+HAS_COMPILER = _native._compiler() is not None
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def native_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts the tensors the native kernel masks; fails the test where it cannot build."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    assert _native.available(), _native.status()
+    calls: list[int] = []
+    call = _native._call
+
+    def counting(lib, values, *args):  # type: ignore[no-untyped-def]
+        calls.append(len(values))
+        call(lib, values, *args)
+
+    monkeypatch.setattr(_native, "_call", counting)
+    yield calls
+
+
+def keyed_targets(tensors: list[torch.Tensor], starts: list[int], step: int = 3) -> list:
+    return [
+        MaskTarget(t, stream_key(77, MASK_DOMAIN, step, i), start)
+        for i, (t, start) in enumerate(zip(tensors, starts))
+    ]
+
+
+def mask_three_ways(
+    make: TensorFactory, dtype: torch.dtype, rate: float, scale: float, starts_of=None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Reference, torch-op and native results for the same keys and global offsets."""
+    reference, torch_ops, native = make(dtype), make(dtype), make(dtype)
+    starts = starts_of(len(reference)) if starts_of else [7 * i for i in range(len(reference))]
+    bernoulli_reference_(keyed_targets(reference, starts), rate, scale)
+    with _native.disabled():
+        bernoulli_keyed_(keyed_targets(torch_ops, starts), rate, scale)
+    bernoulli_keyed_(keyed_targets(native, starts), rate, scale)
+    return reference, torch_ops, native
+
+
+@pytest.mark.parametrize("make", TENSOR_SETS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize(("rate", "scale"), [(0.3, 1.0), (0.05, 3.0), (0.9, 0.5), (0.5, -2.0)])
+def test_native_is_bit_identical_to_reference_and_torch_ops(
+    native_calls: list[int], make: TensorFactory, dtype: torch.dtype, rate: float, scale: float
+) -> None:
+    reference, torch_ops, native = mask_three_ways(make, dtype, rate, scale)
+    for want, other, got in zip(reference, torch_ops, native):
+        assert_bit_identical(got, want)
+        assert_bit_identical(other, want)
+    has_elements = any(t.numel() for t in reference)
+    # float32 and float64 go through the native kernel; other dtypes use torch ops.
+    assert bool(native_calls) == (has_elements and dtype in (torch.float32, torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_every_size_and_word_offset_matches_the_reference(
+    native_calls: list[int], dtype: torch.dtype
+) -> None:
+    """Sizes 1 to 9 at starts 0 to 3 and past 2**33 (word indices wrap modulo 2**32):
+    the lone high-half element first, the pair loop and a lone low-half element last."""
+    for base in (0, 2**33):
+
+        def make(dtype: torch.dtype) -> list[torch.Tensor]:
+            return [random_tensor(n, dtype=dtype, seed=n) for n in range(1, 10) for _ in range(4)]
+
+        def starts_of(count: int, base: int = base) -> list[int]:
+            return [base + i % 4 for i in range(count)]
+
+        reference, _, native = mask_three_ways(make, dtype, 0.5, 1.0, starts_of)
+        for got, want in zip(native, reference):
+            assert_bit_identical(got, want)
+    assert native_calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("scale", [1.0, -1.0, 1e-30, float("inf")])
+def test_nan_inf_and_signed_zeros_follow_the_reference(
+    native_calls: list[int], dtype: torch.dtype, scale: float
+) -> None:
+    """Dropped NaN and inf become +0 (then times the factor, as in the reference);
+    kept ones stay NaN or inf; the factor's rounding to float32 matches torch's."""
+    special = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, 3.4e38, -1e308]
+    values = torch.tensor(special * 64, dtype=torch.float64).to(dtype)
+    reference, native = values.clone(), values.clone()
+    key = stream_key(5, MASK_DOMAIN, 1, 2)
+    bernoulli_reference_([MaskTarget(reference, key, 3)], 0.5, scale)
+    bernoulli_keyed_([MaskTarget(native, key, 3)], 0.5, scale)
+    assert_bit_identical(native, reference)
+    assert native_calls
+
+
+def test_a_large_tensor_and_many_small_ones_in_one_call(native_calls: list[int]) -> None:
+    sizes = [3_000_001, *range(1, 400)]
+    tensors = [random_tensor(n, seed=n) for n in sizes]
+    starts = [(n * 11) % 5 for n in sizes]
+    reference = [t.clone() for t in tensors]
+    bernoulli_reference_(keyed_targets(reference, starts, step=4), 0.2)
+    # The same keys as keyed_targets, as the table a step passes.
+    table = torch.tensor(
+        [list(stream_key(77, MASK_DOMAIN, 4, i)) for i in range(len(sizes))], dtype=torch.int64
+    )
+    bernoulli_columns_(tensors, starts, KeyColumn.from_table(table), 0.2)
+    for got, want in zip(tensors, reference):
+        assert_bit_identical(got, want)
+    assert native_calls == [len(sizes)]  # one call for the whole list
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("target", ["gradient", "update"])
+def test_training_is_bit_identical_with_and_without_the_native_kernel(
+    native_calls: list[int], dtype: torch.dtype, target: str
+) -> None:
+    def train() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(13, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)
+        ).to(dtype)
+        opt = DropGrad(
+            torch.optim.Adam(net.parameters(), lr=1e-2), drop_rate=0.3, seed=11, target=target
+        )
+        data = torch.randn(32, 13, dtype=dtype)
+        for _ in range(5):
+            opt.zero_grad()
+            net(data).square().mean().backward()
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    native = train()
+    assert native_calls
+    with _native.disabled():
+        torch_ops = train()
+    for got, want in zip(native, torch_ops):
+        assert_bit_identical(got, want)
+
+
+# ------------------------------------------------------------ building and falling back
+
+
+def run_fresh(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new interpreter (the kernel is built once per process)."""
+    full_env = {**os.environ, **env}
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-W", "always", "-c", code],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+    )
+
+
+MASK_AND_REPORT = """
+import torch
+from dropgrad import DropGrad, _native
+p = torch.nn.Parameter(torch.ones(1000))
+opt = DropGrad(torch.optim.SGD([p], lr=1.0), drop_rate=0.5, seed=3)
+p.grad = torch.ones(1000)
+opt.step()
+print("STATUS", _native.status())
+print("SUM", float(p.detach().sum()))
+"""
+
+
+def report(result: subprocess.CompletedProcess[str]) -> tuple[str, float]:
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    return lines["STATUS"], float(lines["SUM"])
+
+
+@needs_compiler
+def test_built_once_into_the_cache_and_reused(tmp_path: Path) -> None:
+    env = {"DROPGRAD_CACHE_DIR": str(tmp_path / "cache")}
+    status, total = report(run_fresh(MASK_AND_REPORT, env))
+    assert status.startswith("on: built by")
+    assert total == expected_sum_of_mask_and_report()
+    built = sorted((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # no partial files left behind
+    stamp = built[0].stat().st_mtime_ns
+    status_again, total_again = report(run_fresh(MASK_AND_REPORT, env))
+    assert status_again == status and total_again == total
+    assert sorted((tmp_path / "cache").iterdir()) == built
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    # The torch-op path in a process that never builds gives the same step.
+    off_status, off_total = report(run_fresh(MASK_AND_REPORT, {**env, "DROPGRAD_NATIVE": "0"}))
+    assert off_status == "off: DROPGRAD_NATIVE=0"
+    assert off_total == total
+
+
+def test_no_compiler_falls_back_silently(tmp_path: Path) -> None:
+    result = run_fresh(
+        MASK_AND_REPORT,
+        {"CC": str(tmp_path / "no-such-compiler"), "DROPGRAD_CACHE_DIR": str(tmp_path)},
+    )
+    status, _ = report(result)
+    assert status == "off: no C compiler found ($CC, cc, gcc or clang)"
+    assert "RuntimeWarning" not in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failing_compiler_warns_once_and_falls_back(tmp_path: Path) -> None:
+    failing = shutil.which("false")
+    if failing is None:
+        pytest.skip("no `false` program to stand in for a broken compiler")
+    code = MASK_AND_REPORT + "\nopt.step()\nprint('AGAIN', _native.status())\n"
+    result = run_fresh(code, {"CC": failing, "DROPGRAD_CACHE_DIR": str(tmp_path)})
+    status, total = report(result)
+    assert status.startswith("off: compiling the native mask kernel failed")
+    assert result.stderr.count("RuntimeWarning: dropgrad's native CPU mask kernel is not used") == 1
+    assert not list(tmp_path.iterdir())  # the partial output was removed
+    assert total == expected_sum_of_mask_and_report()
+
+
+def expected_sum_of_mask_and_report() -> float:
+    """What MASK_AND_REPORT's step leaves, by the reference path in this process."""
+    grad = torch.ones(1000)
+    bernoulli_reference_([MaskTarget(grad, stream_key(3, MASK_DOMAIN, 0, 0))], 0.5)
+    return float((torch.ones(1000) - grad).sum())
+
+
+def test_a_library_failing_its_check_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_library", None)
+    monkeypatch.setattr(_native, "_status", "not built yet")
+    monkeypatch.setattr(_native, "_self_check", lambda lib: "float32 at rate 0.3 differs")
+    with pytest.warns(RuntimeWarning, match=r"not used \(float32 at rate 0.3 differs\)"):
+        assert not _native.available()
+    assert _native.status() == "off: float32 at rate 0.3 differs"
+    grad = random_tensor(64)
+    expected = grad.clone()
+    key = stream_key(2, MASK_DOMAIN, 0, 0)
+    bernoulli_reference_([MaskTarget(expected, key)], 0.5)
+    bernoulli_keyed_([MaskTarget(grad, key)], 0.5)
+    assert_bit_identical(grad, expected)
+
+
+def test_disabled_reports_and_restores() -> None:
+    before = _native.status()
+    with _native.disabled():
+        assert _native.status() == "off: disabled in this process"
+        assert not _native.available()
+    assert _native.status() == before
+
+
+def test_the_source_ships_with_the_package() -> None:
+    source = Path(dropgrad.__file__).with_name("_native_masks.c")
+    assert source.is_file()
+    assert "dropgrad_bernoulli" in source.read_text()
+
+
+@needs_compiler
+def test_an_unwritable_cache_directory_falls_back_to_a_temporary_one(tmp_path: Path) -> None:
+    blocked = tmp_path / "file-not-directory"
+    blocked.write_text("")
+    env = {"DROPGRAD_CACHE_DIR": str(blocked / "cache"), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    status, total = report(run_fresh(MASK_AND_REPORT, env))
+    assert status.startswith("on: built by")
+    assert total == expected_sum_of_mask_and_report()
+    (built,) = (tmp_path / "tmp").glob("dropgrad-*/dropgrad_masks_*.so")
+    assert built.is_file()
