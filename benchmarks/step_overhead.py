@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from dropgrad import DropGrad
+from dropgrad import DropGrad, _native
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 CONTENDERS = ("bare", "dropgrad", "update", "published")
@@ -111,6 +111,8 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python_version": platform.python_version(),
         "platform": platform.platform(),
+        # Which CPU mask kernel DropGrad's steps use: the native one, or torch ops and why.
+        "cpu_mask_kernel": _native.status(),
     }
 
 
@@ -218,6 +220,10 @@ def memory_child(variant: str, numel: int, device_name: str) -> None:
     param.data.normal_(generator=generator)
     param.grad = torch.empty_like(param).normal_(generator=generator)
     step = build_contender(variant, "SGD", [param], drop_rate=0.1).step
+    # One-time setup, like importing torch, stays out of the step's figure: the native CPU
+    # kernel is built (or loaded) and checked on first use, and that check runs a few torch
+    # kernels for the first time, whose code pages alone raise the peak RSS by several MiB.
+    native_status = _native.status()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -230,7 +236,16 @@ def memory_child(variant: str, numel: int, device_name: str) -> None:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         step()
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"variant": variant, "peak_before": before, "peak_after": after}))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "peak_before": before,
+                "peak_after": after,
+                "native": native_status,
+            }
+        )
+    )
 
 
 def measure_peak_memory(numel: int, device: torch.device) -> dict[str, Any]:
@@ -300,7 +315,8 @@ def machine_line(machine: dict[str, Any]) -> str:
     return (
         f"Machine: {machine['cpu_model']}, {machine['logical_cores']} logical cores "
         f"({machine['usable_cores']} usable); torch {machine['torch_version']}, "
-        f"{machine['torch_threads']} threads; Python {machine['python_version']}."
+        f"{machine['torch_threads']} threads; Python {machine['python_version']}; "
+        f"CPU mask kernel: {machine['cpu_mask_kernel']}."
     )
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from dropgrad import _native
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
 CONTENDERS = {"bare", "dropgrad", "update", "published"}
 
@@ -101,4 +103,9 @@ def test_op_count_quick_run_writes_its_reports(tmp_path: Path) -> None:
         # SGD's own step on CPU is one add_ per parameter; DropGrad adds its masking.
         assert row["bare_ops"] == row["tensors"]
         assert row["added_ops"] == row["dropgrad_ops"] - row["bare_ops"] > 0
+        assert row["torch_path_added_ops"] == row["torch_path_ops"] - row["bare_ops"]
+        # The torch-op path hashes, compares and scales with separate ops; the native
+        # kernel masks all of a step's tensors in one call.
+        assert row["torch_path_added_ops"] > row["added_ops"]
+    assert report["cpu_mask_kernel"] == _native.status()
     assert (tmp_path / "op_count.md").read_text().count("\n| ") == len(rows) + 1

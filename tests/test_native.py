@@ -291,3 +291,30 @@ def test_an_unwritable_cache_directory_falls_back_to_a_temporary_one(tmp_path: P
     assert total == expected_sum_of_mask_and_report()
     (built,) = (tmp_path / "tmp").glob("dropgrad-*/dropgrad_masks_*.so")
     assert built.is_file()
+
+
+@needs_compiler
+def test_processes_building_at_once_each_load_a_whole_library(tmp_path: Path) -> None:
+    """Ranks that start together all build into one cache: each writes its own temporary
+    file and renames it, so none loads a half-written library."""
+    env = {**os.environ, "DROPGRAD_CACHE_DIR": str(tmp_path)}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", MASK_AND_REPORT],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
+    expected = expected_sum_of_mask_and_report()
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        status, total = report(result)
+        assert status.startswith("on: built by")
+        assert total == expected
+    (built,) = tmp_path.iterdir()
+    assert built.name.startswith("dropgrad_masks_") and built.suffix == ".so"
