@@ -9,12 +9,19 @@ The source ships with the package and is compiled the first time a step needs
 it, with the C compiler named by ``$CC`` or found on ``PATH`` (``cc``,
 ``gcc``, ``clang``) and ``-O3 -march=native``. The library is cached under
 ``$DROPGRAD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/dropgrad``, else
-``~/.cache/dropgrad``), named by a hash of the source, the compiler, the flags
-and the CPU, so a cache shared between different machines never hands one a
-library built for another; it is written to a temporary name and renamed, so
-processes building at once (one per rank) do not see each other's half-written
-files. Before first use the library masks a few tensors that the plain
-reference path masks too, and is used only if every bit agrees.
+``~/.cache/dropgrad``; see :func:`_build_dir` for the fallbacks and why a
+default directory must be writable by this user alone), named by a hash of the
+source, the compiler, the flags and the CPU, so a cache shared between
+different machines never hands one a library built for another; it is written
+to a temporary name and renamed, so processes building at once (one per rank)
+do not see each other's half-written files. Before first use the library masks
+tensors that the plain reference path masks too, and is used only if every
+bit agrees.
+
+Like an in-place torch op, a native mask bumps each tensor's version counter,
+so autograd notices a masked tensor that a backward pass still needs; tensors
+that require grad under grad mode, and inference tensors outside inference
+mode, are left to the torch-op path and its own checks.
 
 Everything falls back to the torch-op path, silently when there is no
 compiler, with one warning when building or the check fails. Setting
@@ -25,12 +32,14 @@ whether steps use it.
 from __future__ import annotations
 
 import ctypes
-import getpass
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -58,14 +67,21 @@ _status = "not built yet"
 _enabled = True
 
 
-def _compiler() -> str | None:
-    named = os.environ.get("CC")
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CC`` split like a shell would (``ccache gcc`` or
+    ``gcc -m64`` included), else the first of ``cc``, ``gcc``, ``clang`` on ``PATH``."""
+    named = os.environ.get("CC", "").strip()
     if named:
-        return shutil.which(named) or None
+        try:
+            words = shlex.split(named)
+        except ValueError:
+            return None
+        found = shutil.which(words[0]) if words else None
+        return [found, *words[1:]] if found else None
     for candidate in ("cc", "gcc", "clang"):
         found = shutil.which(candidate)
         if found:
-            return found
+            return [found]
     return None
 
 
@@ -82,67 +98,100 @@ def _cpu_identity() -> str:
                     break  # the first processor's block is enough
     except OSError:
         pass
+    if sys.platform == "darwin":
+        lines.append(_output(["sysctl", "-n", "machdep.cpu.brand_string", "machdep.cpu.features"]))
     return platform.machine() + platform.processor() + "".join(lines)
 
 
-def _cache_dir() -> Path:
-    named = os.environ.get("DROPGRAD_CACHE_DIR")
-    if named:
-        return Path(named)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dropgrad"
-
-
-def _writable_cache_dir() -> Path:
-    """The cache directory, or a per-user one under the temporary directory when it
-    cannot be created or written (a read-only home, say)."""
-    directory = _cache_dir()
+def _output(command: list[str]) -> str:
+    """What ``command`` prints, or an empty string when it cannot run."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        if os.access(directory, os.W_OK):
-            return directory
+        return subprocess.run(
+            command, capture_output=True, text=True, errors="replace", timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _make_dir(directory: Path) -> bool:
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:
-        pass
-    fallback = Path(tempfile.gettempdir()) / f"dropgrad-{getpass.getuser()}"
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
+        return False
+    return directory.is_dir() and os.access(directory, os.W_OK)
 
 
-def _build(compiler: str) -> Path:
+def _private(directory: Path) -> bool:
+    """Whether only this user can write into ``directory``: a library found there was
+    built by this user, not planted by someone else."""
+    info = directory.stat()
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        return False
+    return not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _build_dir() -> Path:
+    """Where the library is built and looked for.
+
+    ``$DROPGRAD_CACHE_DIR`` when set (the user vouches for it: whoever can write
+    there can put code into this process); else ``$XDG_CACHE_HOME/dropgrad`` or
+    ``~/.cache/dropgrad``, then ``<tmp>/dropgrad-<uid>``, each only when this user
+    alone can write to it; else a fresh private temporary directory, which caches
+    nothing beyond this process.
+    """
+    named = os.environ.get("DROPGRAD_CACHE_DIR")
+    if named and _make_dir(Path(named)):
+        return Path(named)
+    if not named:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        default = Path(base) / "dropgrad"
+        if _make_dir(default) and _private(default):
+            return default
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    shared_tmp = Path(tempfile.gettempdir()) / f"dropgrad-{user}"
+    if _make_dir(shared_tmp) and _private(shared_tmp):
+        return shared_tmp
+    return Path(tempfile.mkdtemp(prefix="dropgrad-"))
+
+
+def _build(compiler: list[str]) -> Path:
     """Compile the source (or find it already compiled); returns the library's path.
 
     Raises:
         RuntimeError: the compiler rejected every flag set (its message included).
     """
     source = _SOURCE.read_bytes()
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=60
-    ).stdout
+    version = _output([*compiler, "--version"])
+    directory = _build_dir()
     errors = []
     for arch in _ARCH_FLAGS:
         flags = _FLAGS + arch
-        digest = hashlib.sha256(
-            b"\0".join(
-                [source, compiler.encode(), version.encode(), " ".join(flags).encode()]
-                + [_cpu_identity().encode()]
-            )
-        ).hexdigest()[:20]
-        directory = _writable_cache_dir()
+        identity = [source, " ".join(compiler).encode(), version.encode(), " ".join(flags).encode()]
+        identity.append(_cpu_identity().encode())
+        digest = hashlib.sha256(b"\0".join(identity)).hexdigest()[:20]
         target = directory / f"dropgrad_masks_{digest}.so"
         if target.exists():
             return target
         handle, partial = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
         os.close(handle)
-        result = subprocess.run(
-            [compiler, *flags, "-o", partial, str(_SOURCE)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if result.returncode == 0:
-            os.replace(partial, target)  # atomic: other processes see all or nothing
-            return target
-        os.unlink(partial)
+        try:
+            result = subprocess.run(
+                [*compiler, *flags, "-o", partial, str(_SOURCE)],
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=300,
+            )
+            if result.returncode == 0:
+                try:
+                    os.replace(partial, target)  # atomic: others see all of it or nothing
+                except OSError:
+                    if not target.exists():  # not a library another process just put there
+                        raise
+                return target
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
         errors.append(f"{' '.join(arch) or '(no arch flag)'}: {result.stderr.strip()}")
     raise RuntimeError("compiling the native mask kernel failed:\n" + "\n".join(errors))
 
@@ -168,23 +217,35 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 def _self_check(lib: ctypes.CDLL) -> str | None:
-    """Mask a few tensors natively and by the reference path; None when every bit agrees."""
+    """Mask tensors natively and by the reference path; None when every bit agrees.
+
+    Each call passes several tensors (so the per-tensor addresses, sizes, starts
+    and keys are read right), with odd sizes, starts past ``2**32`` (word indices
+    with the top bit set, and wrapping), special values, and negative factors.
+    """
     from ._masking import MaskTarget, bernoulli_reference_, quantize_rate
     from ._random import MASK_DOMAIN, stream_key
 
     generator = torch.Generator().manual_seed(0)
-    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0])
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-310])
+    starts = [0, 5, 2**32 - 1, 2**32 + 2, 2**33 + 2**31 + 1]
+    sizes = [1001, 7, 300, 1000, 999]
     for dtype in _DTYPE_CODES:
-        for rate, scale, start in ((0.3, 1.0, 0), (0.7, 0.5, 5), (0.001, 3.0, 2**40 + 1)):
-            values = torch.cat([special, torch.randn(1000, generator=generator) * 1e3])
-            values = values.to(dtype)
-            key = stream_key(123, MASK_DOMAIN, 7, len(values) + start)
-            expected = values.clone()
-            bernoulli_reference_([MaskTarget(expected, key, start)], rate, scale)
+        for rate, scale in ((0.3, 1.0), (0.7, -0.5), (0.001, 3.0)):
+            values = [
+                torch.cat([special, torch.randn(size, generator=generator) * 1e3]).to(dtype)
+                for size in sizes
+            ]
+            keys = [stream_key(123, MASK_DOMAIN, 7, row) for row in range(len(values))]
+            expected = [t.clone() for t in values]
+            bernoulli_reference_(
+                [MaskTarget(t, k, s) for t, k, s in zip(expected, keys, starts)], rate, scale
+            )
             threshold, keep_scale = quantize_rate(rate)
-            _call(lib, [values], [start], _key_table([key]), threshold, scale * keep_scale)
-            if not torch.equal(_bits(values), _bits(expected)):
-                return f"{dtype} at rate {rate} differs from the reference path"
+            _call(lib, values, starts, _key_table(keys), threshold, scale * keep_scale)
+            for got, want in zip(values, expected):
+                if not torch.equal(_bits(got), _bits(want)):
+                    return f"{dtype} at rate {rate} differs from the reference path"
     return None
 
 
@@ -212,10 +273,10 @@ def library() -> ctypes.CDLL | None:
             try:
                 lib = _load(_build(compiler))
                 problem = _self_check(lib)
-            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                lib, problem = None, str(error)
+            except Exception as error:  # whatever went wrong, the torch-op path still works
+                lib, problem = None, f"{type(error).__name__}: {error}"
             if problem is None:
-                _library, _status = lib, f"on: built by {compiler}"
+                _library, _status = lib, f"on: built by {' '.join(compiler)}"
             else:
                 _status = f"off: {problem}"
                 warnings.warn(
@@ -252,9 +313,14 @@ def disabled() -> Iterator[None]:
 
 
 def supports(values: Sequence[Tensor]) -> bool:
-    """Whether :func:`bernoulli_` can mask ``values`` (CPU, float32 or float64)."""
-    first = values[0]
-    return first.device.type == "cpu" and first.dtype in _DTYPE_CODES and available()
+    """Whether :func:`bernoulli_` can mask ``values``: all on the CPU, all float32 or all
+    float64, and the kernel available."""
+    dtype = values[0].dtype
+    return (
+        dtype in _DTYPE_CODES
+        and all(t.dtype == dtype and t.device.type == "cpu" for t in values)
+        and available()
+    )
 
 
 def bernoulli_(
@@ -276,10 +342,25 @@ def bernoulli_(
     """
     if not supports(values):
         return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in values):
+        return False  # torch ops record the change for autograd, or refuse it
+    if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in values):
+        return False  # torch ops raise torch's own error for these
+    if len(starts) != len(values) or keys.dtype != torch.int64 or keys.shape != (len(values), 2):
+        raise ValueError(
+            f"native mask kernel: {len(values)} tensors need {len(values)} starts and an "
+            f"int64 key table of shape ({len(values)}, 2), got {len(starts)} starts and "
+            f"{keys.dtype} keys of shape {tuple(keys.shape)}"
+        )
+    if any(not t.is_contiguous() for t in values):
+        raise ValueError("native mask kernel: every tensor must be contiguous")
     lib = library()
     assert lib is not None
     if any(map(Tensor.numel, values)):
-        _call(lib, values, starts, keys, threshold, factor)
+        _call(lib, values, starts, keys.cpu(), threshold, factor)
+        # Tell autograd the tensors changed, as an in-place torch op would: a tensor saved
+        # for a backward pass and masked since then fails that pass instead of being used.
+        torch.autograd.graph.increment_version([t for t in values if not t.is_inference()])
     return True
 
 

@@ -58,7 +58,7 @@ static inline uint32_t lane_of(uint32_t word, uint64_t element) {
         memcpy(&value, &bits, sizeof value);                                            \
         *p = value * factor;                                                            \
     }                                                                                   \
-    static void NAME(T *restrict p, int64_t n, uint64_t start, uint32_t a, uint32_t b, \
+    static void NAME(T *p, int64_t n, uint64_t start, uint32_t a, uint32_t b, \
                      uint32_t threshold, S factor) {                                   \
         int64_t i = 0;                                                                  \
         if (n > 0 && (start & 1)) { /* high half of a word: on its own */              \
@@ -67,7 +67,7 @@ static inline uint32_t lane_of(uint32_t word, uint64_t element) {
         }                                                                               \
         const uint32_t first_word = (uint32_t)((start + (uint64_t)i) >> 1);            \
         const int64_t pairs = (n - i) / 2;                                              \
-        T *restrict q = p + i;                                                          \
+        T *q = p + i;                                                                   \
         for (int64_t j = 0; j < pairs; j++) {                                           \
             uint32_t word = lowbias32(b + a * (first_word + (uint32_t)j));              \
             U keep_low = ((word & 0xFFFFu) ^ 0x8000u) < threshold ? (U)0 : (U)~(U)0;    \

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def test_every_size_and_word_offset_matches_the_reference(
 ) -> None:
     """Sizes 1 to 9 at starts 0 to 3 and past 2**33 (word indices wrap modulo 2**32):
     the lone high-half element first, the pair loop and a lone low-half element last."""
-    for base in (0, 2**33):
+    # 2**32 and 3 * 2**31: word indices with the top bit set, and across the wrap.
+    for base in (0, 2**32 - 2, 3 * 2**31, 2**33):
 
         def make(dtype: torch.dtype) -> list[torch.Tensor]:
             return [random_tensor(n, dtype=dtype, seed=n) for n in range(1, 10) for _ in range(4)]
@@ -235,7 +237,7 @@ def test_a_failing_compiler_warns_once_and_falls_back(tmp_path: Path) -> None:
     code = MASK_AND_REPORT + "\nopt.step()\nprint('AGAIN', _native.status())\n"
     result = run_fresh(code, {"CC": failing, "DROPGRAD_CACHE_DIR": str(tmp_path)})
     status, total = report(result)
-    assert status.startswith("off: compiling the native mask kernel failed")
+    assert status.startswith("off: RuntimeError: compiling the native mask kernel failed")
     assert result.stderr.count("RuntimeWarning: dropgrad's native CPU mask kernel is not used") == 1
     assert not list(tmp_path.iterdir())  # the partial output was removed
     assert total == expected_sum_of_mask_and_report()
@@ -274,10 +276,111 @@ def test_disabled_reports_and_restores() -> None:
     assert _native.status() == before
 
 
-def test_the_source_ships_with_the_package() -> None:
-    source = Path(dropgrad.__file__).with_name("_native_masks.c")
-    assert source.is_file()
-    assert "dropgrad_bernoulli" in source.read_text()
+def test_the_source_is_package_data() -> None:
+    """The wheel must carry the C file (CI also builds the kernel from an installed wheel)."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "_native_masks.c" in config["tool"]["setuptools"]["package-data"]["dropgrad"]
+    assert _native._SOURCE == Path(dropgrad.__file__).with_name("_native_masks.c")
+    assert "dropgrad_bernoulli" in _native._SOURCE.read_text()
+
+
+def test_a_masked_tensor_saved_for_backward_fails_the_backward_pass(
+    native_calls: list[int],
+) -> None:
+    """Like an in-place torch op, the native kernel bumps the version counter."""
+    for use_native in (True, False):
+        x = torch.randn(64, requires_grad=True)
+        y = x * 2
+        z = (y * y).sum()  # saves y for the backward pass
+        with torch.no_grad():
+            if use_native:
+                bernoulli_keyed_([MaskTarget(y, stream_key(1, MASK_DOMAIN, 0, 0))], 0.5)
+            else:
+                with _native.disabled():
+                    bernoulli_keyed_([MaskTarget(y, stream_key(1, MASK_DOMAIN, 0, 0))], 0.5)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            z.backward()
+    assert native_calls == [1]
+
+
+def test_tensors_that_require_grad_are_left_to_torch_ops(native_calls: list[int]) -> None:
+    leaf = torch.randn(64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        bernoulli_keyed_([MaskTarget(leaf, stream_key(1, MASK_DOMAIN, 0, 0))], 0.5)
+    assert not native_calls
+    with torch.no_grad():  # where torch allows the change, the native kernel makes it
+        bernoulli_keyed_([MaskTarget(leaf, stream_key(1, MASK_DOMAIN, 0, 0))], 0.5)
+    assert native_calls == [1]
+
+
+def test_mixed_dtypes_are_left_to_torch_ops(native_calls: list[int]) -> None:
+    tensors = [random_tensor(9), random_tensor(5, dtype=torch.float16), random_tensor(7).double()]
+    reference = [t.clone() for t in tensors]
+    bernoulli_reference_(keyed_targets(reference, [0, 1, 2]), 0.5)
+    bernoulli_keyed_(keyed_targets(tensors, [0, 1, 2]), 0.5)
+    for got, want in zip(tensors, reference):
+        assert_bit_identical(got, want)
+    assert not native_calls
+
+
+def test_a_key_table_that_does_not_fit_is_refused(native_calls: list[int]) -> None:
+    tensors = [random_tensor(4), random_tensor(4)]
+    with pytest.raises(ValueError, match=r"2 tensors need 2 starts and an int64 key table"):
+        _native.bernoulli_(tensors, [0, 0], torch.zeros(1, 2, dtype=torch.int64), 100, 1.0)
+    with pytest.raises(ValueError, match=r"got 2 starts and torch.int32 keys of shape \(2, 2\)"):
+        _native.bernoulli_(tensors, [0, 0], torch.zeros(2, 2, dtype=torch.int32), 100, 1.0)
+    with pytest.raises(ValueError, match="every tensor must be contiguous"):
+        _native.bernoulli_(
+            [torch.ones(4, 2).t()], [0], torch.zeros(1, 2, dtype=torch.int64), 100, 1.0
+        )
+    assert not native_calls
+
+
+def test_cc_may_carry_arguments(tmp_path: Path) -> None:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc on this machine")
+    env = {"CC": "gcc -m64", "DROPGRAD_CACHE_DIR": str(tmp_path)}
+    status, total = report(run_fresh(MASK_AND_REPORT, env))
+    assert status == f"on: built by {gcc} -m64"
+    assert total == expected_sum_of_mask_and_report()
+
+
+def test_a_default_cache_others_can_write_to_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Whoever can write into the cache can put code into this process: a default
+    directory that is group- or world-writable is passed over for a private one."""
+    monkeypatch.delenv("DROPGRAD_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    shared = tmp_path / "xdg" / "dropgrad"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    chosen = _native._build_dir()
+    assert chosen == tmp_path / "tmp" / f"dropgrad-{os.getuid()}"
+    assert chosen.stat().st_mode & 0o777 == 0o700
+    # The private fallback taken over by others too: a fresh directory for this process.
+    chosen.chmod(0o777)
+    fresh = _native._build_dir()
+    assert fresh.parent == tmp_path / "tmp" and fresh.name.startswith("dropgrad-")
+    assert fresh != chosen and fresh.stat().st_mode & 0o777 == 0o700
+    # A private default is used.
+    shared.chmod(0o700)
+    assert _native._build_dir() == shared
+
+
+def test_a_named_cache_directory_is_trusted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    named = tmp_path / "team-cache"
+    named.mkdir()
+    named.chmod(0o775)
+    monkeypatch.setenv("DROPGRAD_CACHE_DIR", str(named))
+    assert _native._build_dir() == named
 
 
 @needs_compiler
@@ -318,3 +421,24 @@ def test_processes_building_at_once_each_load_a_whole_library(tmp_path: Path) ->
         assert total == expected
     (built,) = tmp_path.iterdir()
     assert built.name.startswith("dropgrad_masks_") and built.suffix == ".so"
+
+
+def test_any_error_while_building_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only compiler errors: a lookup failing in an odd container, say."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+
+    def broken(compiler: list[str]) -> Path:
+        raise KeyError("getpwuid(): uid not found: 1234")
+
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_library", None)
+    monkeypatch.setattr(_native, "_status", "not built yet")
+    monkeypatch.setattr(_native, "_build", broken)
+    with pytest.warns(RuntimeWarning, match=r"not used \(KeyError: 'getpwuid\(\)"):
+        assert not _native.available()
+    assert _native.status().startswith("off: KeyError")
+    p = torch.nn.Parameter(torch.ones(100))
+    p.grad = torch.ones(100)
+    DropGrad(torch.optim.SGD([p], lr=1.0), drop_rate=0.5, seed=3).step()
+    assert 0 < int((p.detach() == 1).sum()) < 100
