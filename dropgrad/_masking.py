@@ -470,8 +470,8 @@ def bernoulli_columns_(
     the reference writes 0, NaN and inf included, and the survivors are then
     scaled as in the reference. Small tensors are copied into a packed buffer
     and masked together (see :class:`_PackPlan`); larger ones are masked in
-    place, block by block. On CUDA, when Triton is available, each tensor is
-    masked by one fused kernel instead, and float32 and float64 tensors on the
+    place, block by block. On CUDA, when Triton is available, one launch of a
+    fused kernel masks all the tensors instead, and float32 and float64 tensors on the
     CPU by the native kernel of ``_native.py`` when it could be built (one pass
     per tensor, no packing).
     """
@@ -796,17 +796,16 @@ def _triton_masks_(
     threshold: int,
     factor: float,
 ) -> bool:
-    """Mask each tensor with the fused Triton kernel; False when it cannot be used."""
-    from ._triton_mask import bernoulli_keyed_triton_, factor_tensor, triton_usable
+    """Mask every tensor with one launch of the fused Triton kernel; False when it
+    cannot be used."""
+    from ._triton_mask import bernoulli_multi_triton_, factor_tensor, triton_usable
 
     dense, write_back = _dense(values)
     if not all(triton_usable(t) for t in dense):
         return False
     factor_on_device = factor_tensor(factor, dense[0].dtype, dense[0].device)
-    for row, (tensor, start) in enumerate(zip(dense, starts)):
-        if tensor.numel():
-            flat = tensor.view(-1)
-            bernoulli_keyed_triton_(flat, start, keys.key(row), threshold, factor_on_device)
+    flats = [t.view(-1) for t in dense]
+    bernoulli_multi_triton_(flats, starts, keys.table(), threshold, factor_on_device)
     for original, copy in write_back:
         original.copy_(copy)
     return True

@@ -3,10 +3,17 @@
 The torch-op path of ``_masking.py`` builds the mask in about fifteen elementwise
 passes (an affine index, eleven hash ops, the keep mask, the AND and the scale),
 each reading and writing memory. On a GPU that traffic is the whole cost, so
-this kernel does everything in registers: each program loads a block of the
+this kernel does everything in registers: each program loads a block of a
 gradient, computes every element's word index, hashes it, picks the element's
 16-bit lane, compares it with the threshold and stores either the scaled
 element or +0, in one pass.
+
+One launch masks a whole list of tensors of one dtype (a step's bucket), the
+way torch's foreach and fused optimizers take all parameters at once: a small
+int64 table, copied to the device once per call, holds each tensor's address,
+size, first global index and stream key, and a second one each program's
+tensor and offset. A step over a thousand small gradients is then one launch
+rather than a thousand, which on a GPU is what the time went to.
 
 It computes exactly what the torch-op path computes, bit for bit:
 
@@ -27,6 +34,7 @@ tested on CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,7 +42,13 @@ from torch import Tensor
 
 from ._random import StreamKey
 
-__all__ = ["bernoulli_keyed_triton_", "factor_tensor", "triton_usable"]
+__all__ = [
+    "bernoulli_keyed_triton_",
+    "bernoulli_multi_triton_",
+    "factor_tensor",
+    "launch_tables",
+    "triton_usable",
+]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BLOCK = 1024
@@ -55,17 +69,25 @@ def _load_kernel() -> Any:
     # Triton reads the annotations of a jitted function: only tl.constexpr may appear.
     @triton.jit
     def keyed_bernoulli_kernel(  # type: ignore[no-untyped-def]
-        values_ptr,
-        count,
-        start,
-        multiplier,
-        offset,
+        typed_ptr,
+        tensors_ptr,
+        blocks_ptr,
         threshold,
         factor_ptr,
         BLOCK: tl.constexpr,
     ):
-        program = tl.program_id(0)
-        positions = program.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        # Block `program` covers elements [first, first + BLOCK) of tensor `row`.
+        program = tl.program_id(0).to(tl.int64)
+        row = tl.load(blocks_ptr + 2 * program)
+        first = tl.load(blocks_ptr + 2 * program + 1)
+        entry = tensors_ptr + 5 * row  # five columns, see launch_tables
+        # The address, as an int64, becomes a pointer to the bucket's dtype.
+        values_ptr = tl.load(entry).to(typed_ptr.dtype)
+        count = tl.load(entry + 1)
+        start = tl.load(entry + 2)
+        multiplier = tl.load(entry + 3)
+        offset = tl.load(entry + 4)
+        positions = first + tl.arange(0, BLOCK)
         inside = positions < count
         values = tl.load(values_ptr + positions, mask=inside, other=0.0)
         index = positions + start
@@ -127,17 +149,61 @@ def bernoulli_keyed_triton_(
         threshold: lane values below it are dropped, in ``[1, 65535]``.
         factor: what survivors are multiplied by, from :func:`factor_tensor`.
     """
-    count = flat.numel()
-    if count == 0:
+    keys = torch.tensor([[key.a, key.b]], dtype=torch.int64)
+    bernoulli_multi_triton_([flat], [start], keys, threshold, factor)
+
+
+def launch_tables(
+    flats: Sequence[Tensor], starts: Sequence[int], keys: Tensor, block: int = _BLOCK
+) -> tuple[Tensor, Tensor]:
+    """The kernel's two int64 tables, on the CPU.
+
+    Returns:
+        ``(tensors, blocks)``: ``tensors`` has one row per tensor (address, size,
+        first global index, key ``a``, key ``b``); ``blocks`` one row per program
+        (the tensor's row, the offset of the program's first element in it),
+        ``ceil(size / block)`` rows per tensor, none for an empty one.
+    """
+    sizes = [t.numel() for t in flats]
+    columns = torch.tensor([[t.data_ptr() for t in flats], sizes, list(starts)], dtype=torch.int64)
+    tensors = torch.cat((columns.t(), keys.reshape(-1, 2).to(torch.int64)), dim=1).contiguous()
+    counts = (torch.tensor(sizes, dtype=torch.int64) + block - 1) // block
+    rows = torch.repeat_interleave(torch.arange(len(flats)), counts)
+    firsts = torch.cumsum(counts, 0) - counts  # each tensor's first program
+    offsets = (torch.arange(rows.numel()) - firsts[rows]) * block
+    return tensors, torch.stack((rows, offsets), dim=1).contiguous()
+
+
+def bernoulli_multi_triton_(
+    flats: Sequence[Tensor],
+    starts: Sequence[int],
+    keys: Tensor,
+    threshold: int,
+    factor: Tensor,
+) -> None:
+    """Mask contiguous 1-D tensors of one dtype and device in place, in one launch.
+
+    Args:
+        flats: contiguous 1-D tensors (see :func:`triton_usable`).
+        starts: each tensor's first global index in its parameter.
+        keys: int64, shape ``(len(flats), 2)``: each tensor's key ``a, b``.
+        threshold: lane values below it are dropped, in ``[1, 65535]``.
+        factor: what survivors are multiplied by, from :func:`factor_tensor`.
+    """
+    if not flats or not any(t.numel() for t in flats):
         return
+    tensors, blocks = launch_tables(flats, starts, keys)
+    device = flats[0].device
+    if device.type == "cuda":
+        # Pinned memory lets the copies run after the queued work without stalling the
+        # host; torch's caching host allocator keeps the buffer until they are done.
+        tensors = tensors.pin_memory().to(device, non_blocking=True)
+        blocks = blocks.pin_memory().to(device, non_blocking=True)
     kernel = _load_kernel()
-    grid = ((count + _BLOCK - 1) // _BLOCK,)
-    kernel[grid](
-        flat,
-        count,
-        start,
-        key.a,
-        key.b,
+    kernel[(blocks.shape[0],)](
+        flats[0],
+        tensors,
+        blocks,
         threshold,
         factor,
         BLOCK=_BLOCK,

@@ -60,6 +60,24 @@ def test_bernoulli_cuda_matches_cpu(
     assert torch.equal(_bits(cuda), _bits(cpu))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_one_launch_over_many_tensors_matches_cpu(dtype: torch.dtype) -> None:
+    """A bucket of tensors of many sizes, masked by one launch at several steps in a row
+    (each step's tables are copied while the previous step's kernel may still run)."""
+    sizes = [0, 1, 3, 1023, 1024, 1025, 70_001, 5, 2**20 + 3]
+    cpu = [_with_specials(n, dtype) for n in sizes]
+    cuda = [t.cuda() for t in cpu]
+    for step in range(3):
+        for tensors in (cpu, cuda):
+            targets = [
+                MaskTarget(t, stream_key(2026, MASK_DOMAIN, step, row), 3 * row)
+                for row, t in enumerate(tensors)
+            ]
+            bernoulli_keyed_(targets, 0.3, 1.25)
+    for got, want in zip(cuda, cpu):
+        assert torch.equal(_bits(got), _bits(want))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_gaussian_cuda_matches_cpu_to_rounding(dtype: torch.dtype) -> None:
     # Box-Muller's log and cos are not correctly rounded on either device.

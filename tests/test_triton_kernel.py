@@ -156,3 +156,64 @@ def test_missing_triton_means_unusable(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(builtins, "__import__", refuse_triton)
     assert not triton_mask.triton_usable(torch.ones(8))
+
+
+# ------------------------------------------------------------ one launch for many tensors
+
+
+class CountingKernel:
+    """Stands in for the jitted kernel and counts its launches."""
+
+    def __init__(self, kernel: object) -> None:
+        self.kernel = kernel
+        self.grids: list[tuple[int, ...]] = []
+
+    def __getitem__(self, grid: tuple[int, ...]) -> object:
+        self.grids.append(grid)
+        return self.kernel[grid]  # type: ignore[index]
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> CountingKernel:
+    counting = CountingKernel(triton_mask._load_kernel())
+    monkeypatch.setitem(triton_mask._kernel_cache, "kernel", counting)
+    return counting
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_many_tensors_are_masked_by_one_launch(
+    launches: CountingKernel, dtype: torch.dtype
+) -> None:
+    """Sizes around the block size, empty tensors among them, odd and 64-bit starts:
+    one launch, and every tensor as the torch-op path masks it on its own."""
+    sizes = [0, 1, 2, 3, 1023, 1024, 1025, 0, 2049, 4099, 7, 1]
+    starts = [0, 1, 2**32 - 1, 2**33 + 1, 5, 0, 3, 9, 2**40, 1, 6, 2**32]
+    expected = [values(n, dtype) for n in sizes]
+    actual = [t.clone() for t in expected]
+    keys = [stream_key(31, MASK_DOMAIN, 4, row) for row in range(len(sizes))]
+    for tensor, key, start in zip(expected, keys, starts):
+        bernoulli_keyed_([MaskTarget(tensor, key, start)], 0.3, 1.5)
+    threshold, keep_scale = quantize_rate(0.3)
+    assert _triton_masks_(actual, starts, KeyColumn.from_keys(keys), threshold, 1.5 * keep_scale)
+    blocks = sum((n + 1023) // 1024 for n in sizes)
+    assert launches.grids == [(blocks,)]
+    for got, want in zip(actual, expected):
+        assert torch.equal(bits(got), bits(want))
+
+
+def test_launch_tables_list_every_block_of_every_tensor() -> None:
+    flats = [torch.empty(n) for n in (5, 0, 2048, 2049)]
+    keys = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
+    tensors, blocks = triton_mask.launch_tables(flats, [0, 1, 2, 3], keys, block=1024)
+    assert tensors.tolist() == [
+        [t.data_ptr(), t.numel(), start, a, b]
+        for t, start, (a, b) in zip(flats, [0, 1, 2, 3], keys.tolist())
+    ]
+    assert blocks.tolist() == [[0, 0], [2, 0], [2, 1024], [3, 0], [3, 1024], [3, 2048]]
+
+
+def test_only_empty_tensors_launch_nothing(launches: CountingKernel) -> None:
+    factor = triton_mask.factor_tensor(1.0, torch.float32, torch.device("cpu"))
+    keys = torch.tensor([[1, 2], [3, 4]])
+    triton_mask.bernoulli_multi_triton_([torch.empty(0), torch.empty(0)], [0, 0], keys, 7, factor)
+    assert launches.grids == []
