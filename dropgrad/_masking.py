@@ -500,12 +500,8 @@ def _bernoulli_consecutive_(
     device = values0.device
     if device.type != "cpu" and _triton_masks_(values, starts, keys, threshold, factor):
         return
-    if device.type == "cpu" and _native.supports(values):
-        dense, write_back = _dense(values)
-        if _native.bernoulli_(dense, starts, keys.table(), threshold, factor):
-            for original, copy in write_back:
-                original.copy_(copy)
-            return
+    if device.type == "cpu" and _native.bernoulli_(values, starts, keys.table, threshold, factor):
+        return
     block_lanes, pack_lanes, small_lanes = _block_sizes(device, chunk_lanes)
     small, large = _by_size(values, small_lanes)
     # threshold is in [1, 65535] here, so both bounds fit in int16.

@@ -44,7 +44,7 @@ import tempfile
 import threading
 import warnings
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -315,52 +315,66 @@ def disabled() -> Iterator[None]:
 def supports(values: Sequence[Tensor]) -> bool:
     """Whether :func:`bernoulli_` can mask ``values``: all on the CPU, all float32 or all
     float64, and the kernel available."""
-    dtype = values[0].dtype
-    return (
-        dtype in _DTYPE_CODES
-        and all(t.dtype == dtype and t.device.type == "cpu" for t in values)
-        and available()
+    first = values[0]
+    if first.dtype not in _DTYPE_CODES or not first.is_cpu or not available():
+        return False
+    # Attribute reads only: a thousand tensors cost about 0.1 ms here.
+    return len(values) == 1 or (
+        len({t.dtype for t in values}) == 1 and all(t.is_cpu for t in values)
     )
 
 
 def bernoulli_(
     values: Sequence[Tensor],
     starts: Sequence[int],
-    keys: Tensor,
+    keys: Tensor | Callable[[], Tensor],
     threshold: int,
     factor: float,
 ) -> bool:
-    """Mask contiguous CPU tensors of one dtype in place; False (nothing done) when the
-    native kernel cannot.
+    """Mask CPU tensors of one dtype in place; False (nothing done) when the native
+    kernel cannot.
 
     Args:
-        values: contiguous tensors of one dtype on the CPU.
+        values: tensors of one dtype on the CPU, any strides (non-contiguous ones go
+            through contiguous copies that are written back).
         starts: each tensor's first global index.
-        keys: int64, shape ``(len(values), 2)``: each tensor's key ``a, b``.
+        keys: int64, shape ``(len(values), 2)``: each tensor's key ``a, b``; or a
+            function returning it, called only when the kernel is used.
         threshold: lane threshold in ``[1, 65535]``.
         factor: what every element is multiplied by after the drop.
+
+    Raises:
+        ValueError: ``starts`` or the key table do not fit ``values``.
     """
     if not supports(values):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in values):
         return False  # torch ops record the change for autograd, or refuse it
-    if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in values):
+    if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, values)):
         return False  # torch ops raise torch's own error for these
-    if len(starts) != len(values) or keys.dtype != torch.int64 or keys.shape != (len(values), 2):
+    table = keys() if callable(keys) else keys
+    if len(starts) != len(values) or table.dtype != torch.int64 or table.shape != (len(values), 2):
         raise ValueError(
             f"native mask kernel: {len(values)} tensors need {len(values)} starts and an "
             f"int64 key table of shape ({len(values)}, 2), got {len(starts)} starts and "
-            f"{keys.dtype} keys of shape {tuple(keys.shape)}"
+            f"{table.dtype} keys of shape {tuple(table.shape)}"
         )
-    if any(not t.is_contiguous() for t in values):
-        raise ValueError("native mask kernel: every tensor must be contiguous")
+    dense = list(values)
+    write_back = []
+    if not all(map(Tensor.is_contiguous, dense)):
+        for row, tensor in enumerate(values):
+            if not tensor.is_contiguous():
+                dense[row] = tensor.contiguous()
+                write_back.append((tensor, dense[row]))
     lib = library()
     assert lib is not None
-    if any(map(Tensor.numel, values)):
-        _call(lib, values, starts, keys.cpu(), threshold, factor)
+    if any(map(Tensor.numel, dense)):
+        _call(lib, dense, starts, table.cpu(), threshold, factor)
         # Tell autograd the tensors changed, as an in-place torch op would: a tensor saved
         # for a backward pass and masked since then fails that pass instead of being used.
-        torch.autograd.graph.increment_version([t for t in values if not t.is_inference()])
+        torch.autograd.graph.increment_version(dense)
+    for original, copy in write_back:
+        original.copy_(copy)
     return True
 
 
