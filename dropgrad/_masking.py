@@ -794,14 +794,16 @@ def _triton_masks_(
 ) -> bool:
     """Mask every tensor with one launch of the fused Triton kernel; False when it
     cannot be used."""
-    from ._triton_mask import bernoulli_multi_triton_, factor_tensor, triton_usable
+    from ._triton_mask import bernoulli_multi_triton_, triton_usable_all
 
+    if torch.is_grad_enabled() and any(t.requires_grad for t in values):
+        return False  # torch ops record the change for autograd, or refuse it
     dense, write_back = _dense(values)
-    if not all(triton_usable(t) for t in dense):
+    if not triton_usable_all(dense):
         return False
-    factor_on_device = factor_tensor(factor, dense[0].dtype, dense[0].device)
-    flats = [t.view(-1) for t in dense]
-    bernoulli_multi_triton_(flats, starts, keys.table(), threshold, factor_on_device)
+    bernoulli_multi_triton_(dense, starts, keys.table(), threshold, factor)
+    # The kernel writes through raw addresses: tell autograd, as an in-place op would.
+    torch.autograd.graph.increment_version(dense)
     for original, copy in write_back:
         original.copy_(copy)
     return True

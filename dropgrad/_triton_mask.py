@@ -33,6 +33,7 @@ tested on CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -45,9 +46,10 @@ from ._random import StreamKey
 __all__ = [
     "bernoulli_keyed_triton_",
     "bernoulli_multi_triton_",
-    "factor_tensor",
-    "launch_tables",
+    "launch_table",
+    "multiplication_factor",
     "triton_usable",
+    "triton_usable_all",
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -70,17 +72,17 @@ def _load_kernel() -> Any:
     @triton.jit
     def keyed_bernoulli_kernel(  # type: ignore[no-untyped-def]
         typed_ptr,
-        tensors_ptr,
+        table_ptr,
         blocks_ptr,
         threshold,
-        factor_ptr,
+        WIDE: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         # Block `program` covers elements [first, first + BLOCK) of tensor `row`.
         program = tl.program_id(0).to(tl.int64)
         row = tl.load(blocks_ptr + 2 * program)
         first = tl.load(blocks_ptr + 2 * program + 1)
-        entry = tensors_ptr + 5 * row  # five columns, see launch_tables
+        entry = table_ptr + 1 + 5 * row  # see launch_table
         # The address, as an int64, becomes a pointer to the bucket's dtype.
         values_ptr = tl.load(entry).to(typed_ptr.dtype)
         count = tl.load(entry + 1)
@@ -102,9 +104,12 @@ def _load_kernel() -> Any:
         shift = ((index & 1) * 16).to(tl.uint32)
         lane = ((x >> shift) & 0xFFFF) ^ 0x8000
         keep = lane >= threshold.to(tl.uint32)
-        # The factor arrives in the multiplication's own precision: float64 for
-        # float64 values, float32 (torch's opmath) for everything narrower.
-        factor = tl.load(factor_ptr)
+        # The factor arrives as float64 bits, already rounded to the multiplication's
+        # precision: float64 for float64 values (WIDE), float32 (torch's opmath) for
+        # everything narrower, to which it converts exactly.
+        factor = tl.load(table_ptr).to(tl.float64, bitcast=True)
+        if not WIDE:
+            factor = factor.to(tl.float32)
         scaled = values.to(factor.dtype) * factor
         # Round to nearest even, as torch does (the interpreter would truncate otherwise).
         result = tl.where(keep, scaled, 0.0).to(values.dtype, fp_downcast_rounding="rtne")
@@ -115,96 +120,126 @@ def _load_kernel() -> Any:
 
 
 def triton_usable(tensor: Tensor) -> bool:
-    """Whether the fused kernel can mask ``tensor``.
+    """Whether the fused kernel can mask ``tensor``; see :func:`triton_usable_all`."""
+    return triton_usable_all([tensor])
 
-    It needs Triton, a contiguous tensor of a supported dtype (float16,
-    bfloat16, float32, float64), and a CUDA device, or a CPU tensor under
+
+def triton_usable_all(tensors: Sequence[Tensor]) -> bool:
+    """Whether one launch of the fused kernel can mask ``tensors`` together.
+
+    It needs Triton, contiguous tensors of one supported dtype (float16,
+    bfloat16, float32, float64) on one CUDA device, or CPU tensors under
     Triton's interpreter (``TRITON_INTERPRET=1``, for tests). Never raises.
     """
-    if tensor.dtype not in _SUPPORTED_DTYPES or not tensor.is_contiguous():
+    if not tensors:
         return False
-    if not tensor.is_cuda and not (
-        tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    first = tensors[0]
+    if first.dtype not in _SUPPORTED_DTYPES:
+        return False
+    if not first.is_cuda and not (
+        first.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     ):
+        return False
+    if len(tensors) > 1 and (
+        len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1
+    ):
+        return False  # every address is read as the first tensor's type, on its device
+    if not all(map(Tensor.is_contiguous, tensors)):
         return False
     return _load_kernel() is not None
 
 
-def factor_tensor(factor: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The survivors' factor as the kernel reads it: rounded to the precision torch's
-    ``mul_`` uses for ``dtype`` (float64 for float64, float32 otherwise)."""
-    precision = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.tensor([factor], dtype=precision, device=device)
+def multiplication_factor(factor: float, dtype: torch.dtype) -> float:
+    """``factor`` rounded to the precision torch's ``mul_`` by a Python float uses for
+    ``dtype``: float64 for float64, float32 (the opmath type) for narrower types."""
+    if dtype == torch.float64:
+        return float(factor)
+    return torch.tensor(factor, dtype=torch.float32).item()
 
 
 def bernoulli_keyed_triton_(
-    flat: Tensor, start: int, key: StreamKey, threshold: int, factor: Tensor
+    flat: Tensor, start: int, key: StreamKey, threshold: int, factor: float
 ) -> None:
-    """Mask the contiguous 1-D ``flat`` in place with the keyed Bernoulli mask.
+    """Mask the contiguous ``flat`` in place with the keyed Bernoulli mask.
 
     Args:
-        flat: a contiguous 1-D tensor (see :func:`triton_usable`).
-        start: global index of ``flat[0]`` in the whole parameter (any int >= 0).
+        flat: a contiguous tensor (see :func:`triton_usable`).
+        start: global index of ``flat``'s first element in the whole parameter.
         key: the parameter's stream key at this step.
         threshold: lane values below it are dropped, in ``[1, 65535]``.
-        factor: what survivors are multiplied by, from :func:`factor_tensor`.
+        factor: what survivors are multiplied by (rounded as torch's ``mul_`` would).
     """
     keys = torch.tensor([[key.a, key.b]], dtype=torch.int64)
     bernoulli_multi_triton_([flat], [start], keys, threshold, factor)
 
 
-def launch_tables(
-    flats: Sequence[Tensor], starts: Sequence[int], keys: Tensor, block: int = _BLOCK
-) -> tuple[Tensor, Tensor]:
-    """The kernel's two int64 tables, on the CPU.
+def launch_table(
+    tensors: Sequence[Tensor],
+    starts: Sequence[int],
+    keys: Tensor,
+    factor: float,
+    block: int = _BLOCK,
+) -> tuple[Tensor, int]:
+    """Everything one launch reads, as one int64 CPU tensor, and where its block rows begin.
 
-    Returns:
-        ``(tensors, blocks)``: ``tensors`` has one row per tensor (address, size,
-        first global index, key ``a``, key ``b``); ``blocks`` one row per program
-        (the tensor's row, the offset of the program's first element in it),
-        ``ceil(size / block)`` rows per tensor, none for an empty one.
+    Layout: element 0 holds the factor's float64 bits (already rounded, see
+    :func:`multiplication_factor`); then one row of five per tensor (address,
+    size, first global index, key ``a``, key ``b``); then, from the returned
+    position on, one row of two per program (the tensor's row, the offset of the
+    program's first element in it), ``ceil(size / block)`` rows per tensor and
+    none for an empty one. One buffer, so one copy reaches the device.
     """
-    sizes = [t.numel() for t in flats]
-    columns = torch.tensor([[t.data_ptr() for t in flats], sizes, list(starts)], dtype=torch.int64)
-    tensors = torch.cat((columns.t(), keys.reshape(-1, 2).to(torch.int64)), dim=1).contiguous()
+    sizes = [t.numel() for t in tensors]
+    columns = torch.tensor(
+        [[t.data_ptr() for t in tensors], sizes, list(starts)], dtype=torch.int64
+    )
+    rows_of_tensors = torch.cat((columns.t(), keys.reshape(-1, 2).to(torch.int64)), dim=1)
     counts = (torch.tensor(sizes, dtype=torch.int64) + block - 1) // block
-    rows = torch.repeat_interleave(torch.arange(len(flats)), counts)
+    rows = torch.repeat_interleave(torch.arange(len(tensors)), counts)
     firsts = torch.cumsum(counts, 0) - counts  # each tensor's first program
     offsets = (torch.arange(rows.numel()) - firsts[rows]) * block
-    return tensors, torch.stack((rows, offsets), dim=1).contiguous()
+    factor_bits = torch.tensor([factor], dtype=torch.float64).view(torch.int64)
+    table = torch.cat(
+        (factor_bits, rows_of_tensors.reshape(-1), torch.stack((rows, offsets), dim=1).reshape(-1))
+    )
+    return table, 1 + 5 * len(tensors)
 
 
 def bernoulli_multi_triton_(
-    flats: Sequence[Tensor],
+    tensors: Sequence[Tensor],
     starts: Sequence[int],
     keys: Tensor,
     threshold: int,
-    factor: Tensor,
+    factor: float,
 ) -> None:
-    """Mask contiguous 1-D tensors of one dtype and device in place, in one launch.
+    """Mask contiguous tensors of one dtype on one device in place, in one launch.
 
     Args:
-        flats: contiguous 1-D tensors (see :func:`triton_usable`).
+        tensors: contiguous tensors (see :func:`triton_usable_all`).
         starts: each tensor's first global index in its parameter.
-        keys: int64, shape ``(len(flats), 2)``: each tensor's key ``a, b``.
+        keys: int64, shape ``(len(tensors), 2)``: each tensor's key ``a, b``.
         threshold: lane values below it are dropped, in ``[1, 65535]``.
-        factor: what survivors are multiplied by, from :func:`factor_tensor`.
+        factor: what survivors are multiplied by (rounded here as torch's ``mul_`` would).
     """
-    if not flats or not any(t.numel() for t in flats):
+    if not tensors or not any(t.numel() for t in tensors):
         return
-    tensors, blocks = launch_tables(flats, starts, keys)
-    device = flats[0].device
-    if device.type == "cuda":
-        # Pinned memory lets the copies run after the queued work without stalling the
-        # host; torch's caching host allocator keeps the buffer until they are done.
-        tensors = tensors.pin_memory().to(device, non_blocking=True)
-        blocks = blocks.pin_memory().to(device, non_blocking=True)
+    dtype = tensors[0].dtype
+    table, blocks_at = launch_table(tensors, starts, keys, multiplication_factor(factor, dtype))
+    device = tensors[0].device
     kernel = _load_kernel()
-    kernel[(blocks.shape[0],)](
-        flats[0],
-        tensors,
-        blocks,
-        threshold,
-        factor,
-        BLOCK=_BLOCK,
-    )
+    # The copy and the launch go to the tensors' device and its current stream, so the
+    # kernel is ordered after the copy even when another device is the current one.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if device.type == "cuda":
+            # Pinned memory lets the copy queue behind the work before it without
+            # stalling the host; torch's caching host allocator keeps the buffer until
+            # the copy is done.
+            table = table.pin_memory().to(device, non_blocking=True)
+        kernel[((table.numel() - blocks_at) // 2,)](
+            tensors[0],
+            table,
+            table[blocks_at:],
+            threshold,
+            WIDE=dtype == torch.float64,
+            BLOCK=_BLOCK,
+        )

@@ -54,8 +54,7 @@ def mask_with_kernel(tensor: torch.Tensor, start: int, rate: float, scale: float
     threshold = round(rate * LANE_LEVELS)
     factor = scale * LANE_LEVELS / (LANE_LEVELS - threshold)
     key = stream_key(31, MASK_DOMAIN, 4, 2)
-    on_device = triton_mask.factor_tensor(factor, tensor.dtype, tensor.device)
-    triton_mask.bernoulli_keyed_triton_(tensor, start, key, threshold, on_device)
+    triton_mask.bernoulli_keyed_triton_(tensor, start, key, threshold, factor)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -186,7 +185,8 @@ def test_many_tensors_are_masked_by_one_launch(
 ) -> None:
     """Sizes around the block size, empty tensors among them, odd and 64-bit starts:
     one launch, and every tensor as the torch-op path masks it on its own."""
-    sizes = [0, 1, 2, 3, 1023, 1024, 1025, 0, 2049, 4099, 7, 1]
+    # The last tensor starts at 2**32 and spans several blocks: bit 32 of a start matters.
+    sizes = [0, 1, 2, 3, 1023, 1024, 1025, 0, 2049, 4099, 7, 3000]
     starts = [0, 1, 2**32 - 1, 2**33 + 1, 5, 0, 3, 9, 2**40, 1, 6, 2**32]
     expected = [values(n, dtype) for n in sizes]
     actual = [t.clone() for t in expected]
@@ -201,19 +201,65 @@ def test_many_tensors_are_masked_by_one_launch(
         assert torch.equal(bits(got), bits(want))
 
 
-def test_launch_tables_list_every_block_of_every_tensor() -> None:
+def test_launch_table_lists_the_factor_every_tensor_and_every_block() -> None:
     flats = [torch.empty(n) for n in (5, 0, 2048, 2049)]
     keys = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
-    tensors, blocks = triton_mask.launch_tables(flats, [0, 1, 2, 3], keys, block=1024)
-    assert tensors.tolist() == [
+    table, blocks_at = triton_mask.launch_table(flats, [0, 1, 2, 3], keys, 1.25, block=1024)
+    assert table.dtype == torch.int64 and blocks_at == 1 + 5 * 4
+    assert table[:1].view(torch.float64).item() == 1.25
+    assert table[1:blocks_at].view(-1, 5).tolist() == [
         [t.data_ptr(), t.numel(), start, a, b]
         for t, start, (a, b) in zip(flats, [0, 1, 2, 3], keys.tolist())
     ]
-    assert blocks.tolist() == [[0, 0], [2, 0], [2, 1024], [3, 0], [3, 1024], [3, 2048]]
+    assert table[blocks_at:].view(-1, 2).tolist() == [
+        [0, 0],
+        [2, 0],
+        [2, 1024],
+        [3, 0],
+        [3, 1024],
+        [3, 2048],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (torch.float64, 1 / 3),
+        (torch.float32, 0.3333333432674408),
+        (torch.bfloat16, 0.3333333432674408),
+    ],
+)
+def test_the_factor_is_rounded_as_torch_multiplies(dtype: torch.dtype, expected: float) -> None:
+    assert triton_mask.multiplication_factor(1 / 3, dtype) == expected
+
+
+def test_lists_one_launch_cannot_take_are_refused(launches: CountingKernel) -> None:
+    """Every address is read as the first tensor's dtype, on its device: a mixed list
+    goes to torch ops, which handle it."""
+    mixed = [values(2048, torch.float32), values(2048, torch.float16)]
+    assert not triton_mask.triton_usable_all(mixed)
+    assert not triton_mask.triton_usable_all([values(8, torch.float32), torch.ones(4, 2).t()])
+    assert not triton_mask.triton_usable_all([])
+    keys = KeyColumn.from_keys([stream_key(31, MASK_DOMAIN, 4, k) for k in range(2)])
+    assert not _triton_masks_(mixed, [0, 0], keys, 100, 1.0)
+    assert launches.grids == []
+
+
+def test_kernel_bumps_version_counters(launches: CountingKernel) -> None:
+    x = torch.randn(64, requires_grad=True)
+    y = x * 2
+    z = (y * y).sum()
+    keys = KeyColumn.from_keys([stream_key(31, MASK_DOMAIN, 4, 0)])
+    with torch.no_grad():
+        assert _triton_masks_([y], [0], keys, 30000, 2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+    # Under grad mode, a tensor that requires grad is left to torch ops and their checks.
+    assert not _triton_masks_([torch.ones(3, requires_grad=True)], [0], keys, 30000, 2.0)
+    assert len(launches.grids) == 1
 
 
 def test_only_empty_tensors_launch_nothing(launches: CountingKernel) -> None:
-    factor = triton_mask.factor_tensor(1.0, torch.float32, torch.device("cpu"))
     keys = torch.tensor([[1, 2], [3, 4]])
-    triton_mask.bernoulli_multi_triton_([torch.empty(0), torch.empty(0)], [0, 0], keys, 7, factor)
+    triton_mask.bernoulli_multi_triton_([torch.empty(0), torch.empty(0)], [0, 0], keys, 7, 1.0)
     assert launches.grids == []
