@@ -25,8 +25,8 @@ multiplier). Tensors of at most ``2**14`` elements are packed
 bound, puts tensors with about the same number of words into the rows of a
 block, so a block's hash inputs are one broadcast op over a row per tensor,
 and its elements reach a shared buffer by one ``torch.stack`` (one foreach copy
-when their shapes differ) and come back by one foreach copy; a thousand small
-gradients cost a few dozen ops. Larger tensors are
+when their shapes differ) and come back by one foreach copy, a handful of ops
+per block rather than a dozen per tensor. Larger tensors are
 masked in place by :func:`iter_blocks`, several to a block, a tensor larger
 than a block in pieces. Words are hashed with eleven integer ops per block.
 Temporaries stay bounded by the block size whatever the parameter size, and the
@@ -37,6 +37,13 @@ element's bits depend only on its key and global index.
 paths, one tensor at a time, with the words computed by
 :func:`~dropgrad._random.words_reference`; the fast paths are tested
 bit-for-bit against them.
+
+**Faster paths.** Two kernels replace the blocks where they can, with the same
+results bit for bit: on the CPU, float32 and float64 tensors go to the native
+kernel of ``_native.py`` (one C pass per tensor, all tensors in one call);
+on CUDA with Triton, float16 to float64 tensors go to the fused kernel of
+``_triton_mask.py`` (one launch for all tensors). See
+:func:`bernoulli_columns_`. The Gaussian kernel always uses the blocks.
 
 Row and tensor granularity reuse the element kernels: the decisions for rows
 ``r0 .. r0 + R - 1`` are the element decisions ``r0 .. r0 + R - 1`` of the same

@@ -8,12 +8,13 @@ gradient, computes every element's word index, hashes it, picks the element's
 16-bit lane, compares it with the threshold and stores either the scaled
 element or +0, in one pass.
 
-One launch masks a whole list of tensors of one dtype (a step's bucket), the
-way torch's foreach and fused optimizers take all parameters at once: a small
-int64 table, copied to the device once per call, holds each tensor's address,
-size, first global index and stream key, and a second one each program's
-tensor and offset. A step over a thousand small gradients is then one launch
-rather than a thousand, which on a GPU is what the time went to.
+One launch masks a whole list of tensors of one dtype on one device (a step's
+bucket), the way torch's foreach and fused optimizers take all parameters at
+once. It reads one int64 table, copied to the device once per call (see
+:func:`launch_table`): the survivors' factor, then each tensor's address, size,
+first global index and stream key, then each program's tensor and offset. A
+step over a thousand small gradients is then one launch rather than a
+thousand, which on a GPU is what the time went to.
 
 It computes exactly what the torch-op path computes, bit for bit:
 
