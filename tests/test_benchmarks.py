@@ -105,7 +105,11 @@ def test_op_count_quick_run_writes_its_reports(tmp_path: Path) -> None:
         assert row["added_ops"] == row["dropgrad_ops"] - row["bare_ops"] > 0
         assert row["torch_path_added_ops"] == row["torch_path_ops"] - row["bare_ops"]
         # The torch-op path hashes, compares and scales with separate ops; the native
-        # kernel masks all of a step's tensors in one call.
-        assert row["torch_path_added_ops"] > row["added_ops"]
+        # kernel masks all of a bucket's tensors in one call. Without it, both counts
+        # are the torch-op path's.
+        if _native.available():
+            assert row["torch_path_added_ops"] > row["added_ops"]
+        else:
+            assert row["torch_path_added_ops"] == row["added_ops"]
     assert report["cpu_mask_kernel"] == _native.status()
     assert (tmp_path / "op_count.md").read_text().count("\n| ") == len(rows) + 1
