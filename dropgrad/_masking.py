@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -507,8 +507,13 @@ def _bernoulli_consecutive_(
     device = values0.device
     if device.type != "cpu" and _triton_masks_(values, starts, keys, threshold, factor):
         return
-    if device.type == "cpu" and _native.bernoulli_(values, starts, keys.table, threshold, factor):
-        return
+    if device.type == "cpu" and values0.dtype in _native.DTYPES:
+        if _fused_in_place_(
+            values,
+            _native.supports,
+            lambda dense: _native.bernoulli_(dense, starts, keys.table(), threshold, factor),
+        ):
+            return
     block_lanes, pack_lanes, small_lanes = _block_sizes(device, chunk_lanes)
     small, large = _by_size(values, small_lanes)
     # threshold is in [1, 65535] here, so both bounds fit in int16.
@@ -803,13 +808,34 @@ def _triton_masks_(
     cannot be used."""
     from ._triton_mask import bernoulli_multi_triton_, triton_usable_all
 
+    return _fused_in_place_(
+        values,
+        triton_usable_all,
+        lambda dense: bernoulli_multi_triton_(dense, starts, keys.table(), threshold, factor),
+    )
+
+
+def _fused_in_place_(
+    values: Sequence[Tensor],
+    usable: Callable[[Sequence[Tensor]], bool],
+    launch: Callable[[list[Tensor]], None],
+) -> bool:
+    """Run a fused kernel (native or Triton) over ``values`` in place; False, with
+    nothing done, when ``usable`` refuses their contiguous versions.
+
+    Tensors that require grad under grad mode are left to torch ops, which record
+    the change for autograd or refuse it. Non-contiguous tensors go through
+    contiguous copies that are written back. The kernels write through raw
+    addresses, so each tensor's version counter is bumped here, as an in-place
+    torch op would: autograd then notices a masked tensor that a backward pass
+    still needs.
+    """
     if torch.is_grad_enabled() and any(t.requires_grad for t in values):
-        return False  # torch ops record the change for autograd, or refuse it
-    dense, write_back = _dense(values)
-    if not triton_usable_all(dense):
         return False
-    bernoulli_multi_triton_(dense, starts, keys.table(), threshold, factor)
-    # The kernel writes through raw addresses: tell autograd, as an in-place op would.
+    dense, write_back = _dense(values)
+    if not usable(dense):
+        return False
+    launch(dense)
     torch.autograd.graph.increment_version(dense)
     for original, copy in write_back:
         original.copy_(copy)

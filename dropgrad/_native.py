@@ -18,10 +18,12 @@ do not see each other's half-written files. Before first use the library masks
 tensors that the plain reference path masks too, and is used only if every
 bit agrees.
 
-Like an in-place torch op, a native mask bumps each tensor's version counter,
-so autograd notices a masked tensor that a backward pass still needs; tensors
-that require grad under grad mode, and inference tensors outside inference
-mode, are left to the torch-op path and its own checks.
+The caller (``_masking._fused_in_place_``, shared with the Triton kernel)
+makes non-contiguous tensors contiguous and writes them back, and bumps each
+tensor's version counter as an in-place torch op would, so autograd notices a
+masked tensor that a backward pass still needs; tensors that require grad under
+grad mode, and inference tensors outside inference mode, are left to the
+torch-op path and its own checks.
 
 Everything falls back to the torch-op path, silently when there is no
 compiler, with one warning when building or the check fails. Setting
@@ -44,7 +46,7 @@ import tempfile
 import threading
 import warnings
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,7 +57,8 @@ __all__ = ["available", "bernoulli_", "disabled", "library", "status"]
 
 _SOURCE = Path(__file__).with_name("_native_masks.c")
 _ABI = 1
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+# The dtypes the kernel masks, with their codes in the C source.
+DTYPES = {torch.float32: 0, torch.float64: 1}
 _FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
 # Tried in order: the first the compiler accepts tunes for this CPU.
 _ARCH_FLAGS: tuple[list[str], ...] = (["-march=native"], ["-mcpu=native"], [])
@@ -223,14 +226,14 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
     and keys are read right), with odd sizes, starts past ``2**32`` (word indices
     with the top bit set, and wrapping), special values, and negative factors.
     """
-    from ._masking import MaskTarget, bernoulli_reference_, quantize_rate
+    from ._masking import KeyColumn, MaskTarget, bernoulli_reference_, quantize_rate
     from ._random import MASK_DOMAIN, stream_key
 
     generator = torch.Generator().manual_seed(0)
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-310])
     starts = [0, 5, 2**32 - 1, 2**32 + 2, 2**33 + 2**31 + 1]
     sizes = [1001, 7, 300, 1000, 999]
-    for dtype in _DTYPE_CODES:
+    for dtype in DTYPES:
         for rate, scale in ((0.3, 1.0), (0.7, -0.5), (0.001, 3.0)):
             values = [
                 torch.cat([special, torch.randn(size, generator=generator) * 1e3]).to(dtype)
@@ -242,7 +245,8 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
                 [MaskTarget(t, k, s) for t, k, s in zip(expected, keys, starts)], rate, scale
             )
             threshold, keep_scale = quantize_rate(rate)
-            _call(lib, values, starts, _key_table(keys), threshold, scale * keep_scale)
+            table = KeyColumn.from_keys(keys).table()
+            _call(lib, values, starts, table, threshold, scale * keep_scale)
             for got, want in zip(values, expected):
                 if not torch.equal(_bits(got), _bits(want)):
                     return f"{dtype} at rate {rate} differs from the reference path"
@@ -251,10 +255,6 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
 
 def _bits(values: Tensor) -> Tensor:
     return values.view(torch.int32 if values.dtype == torch.float32 else torch.int64)
-
-
-def _key_table(keys: Sequence[tuple[int, int]]) -> Tensor:
-    return torch.tensor([list(k) for k in keys], dtype=torch.int64)
 
 
 def library() -> ctypes.CDLL | None:
@@ -313,69 +313,56 @@ def disabled() -> Iterator[None]:
 
 
 def supports(values: Sequence[Tensor]) -> bool:
-    """Whether :func:`bernoulli_` can mask ``values``: all on the CPU, all float32 or all
-    float64, and the kernel available."""
+    """Whether :func:`bernoulli_` can mask ``values`` (once made contiguous): all on the
+    CPU, all float32 or all float64, no inference tensor outside inference mode, and
+    the kernel available."""
     first = values[0]
-    if first.dtype not in _DTYPE_CODES or not first.is_cpu or not available():
+    if first.dtype not in DTYPES or not first.is_cpu or not available():
         return False
     # Attribute reads only: a thousand tensors cost about 0.1 ms here.
-    return len(values) == 1 or (
-        len({t.dtype for t in values}) == 1 and all(t.is_cpu for t in values)
-    )
+    if len(values) > 1 and (
+        len({t.dtype for t in values}) > 1 or not all(t.is_cpu for t in values)
+    ):
+        return False
+    # Torch ops raise torch's own error for these.
+    return torch.is_inference_mode_enabled() or not any(map(Tensor.is_inference, values))
 
 
 def bernoulli_(
     values: Sequence[Tensor],
     starts: Sequence[int],
-    keys: Tensor | Callable[[], Tensor],
+    keys: Tensor,
     threshold: int,
     factor: float,
-) -> bool:
-    """Mask CPU tensors of one dtype in place; False (nothing done) when the native
-    kernel cannot.
+) -> None:
+    """Mask contiguous tensors that :func:`supports` accepts, in place.
+
+    The caller tells autograd about the change (``_masking._fused_in_place_``
+    bumps the version counters, as for the Triton kernel).
 
     Args:
-        values: tensors of one dtype on the CPU, any strides (non-contiguous ones go
-            through contiguous copies that are written back).
+        values: contiguous tensors of one dtype on the CPU.
         starts: each tensor's first global index.
-        keys: int64, shape ``(len(values), 2)``: each tensor's key ``a, b``; or a
-            function returning it, called only when the kernel is used.
+        keys: int64, shape ``(len(values), 2)``: each tensor's key ``a, b``.
         threshold: lane threshold in ``[1, 65535]``.
         factor: what every element is multiplied by after the drop.
 
     Raises:
-        ValueError: ``starts`` or the key table do not fit ``values``.
+        ValueError: ``starts`` or the key table do not fit ``values``, or a tensor is
+            not contiguous (the kernel reads each one as a flat run of elements).
     """
-    if not supports(values):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in values):
-        return False  # torch ops record the change for autograd, or refuse it
-    if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, values)):
-        return False  # torch ops raise torch's own error for these
-    table = keys() if callable(keys) else keys
-    if len(starts) != len(values) or table.dtype != torch.int64 or table.shape != (len(values), 2):
+    if len(starts) != len(values) or keys.dtype != torch.int64 or keys.shape != (len(values), 2):
         raise ValueError(
             f"native mask kernel: {len(values)} tensors need {len(values)} starts and an "
             f"int64 key table of shape ({len(values)}, 2), got {len(starts)} starts and "
-            f"{table.dtype} keys of shape {tuple(table.shape)}"
+            f"{keys.dtype} keys of shape {tuple(keys.shape)}"
         )
-    dense = list(values)
-    write_back = []
-    if not all(map(Tensor.is_contiguous, dense)):
-        for row, tensor in enumerate(values):
-            if not tensor.is_contiguous():
-                dense[row] = tensor.contiguous()
-                write_back.append((tensor, dense[row]))
+    if not all(map(Tensor.is_contiguous, values)):
+        raise ValueError("native mask kernel: every tensor must be contiguous")
     lib = library()
     assert lib is not None
-    if any(map(Tensor.numel, dense)):
-        _call(lib, dense, starts, table.cpu(), threshold, factor)
-        # Tell autograd the tensors changed, as an in-place torch op would: a tensor saved
-        # for a backward pass and masked since then fails that pass instead of being used.
-        torch.autograd.graph.increment_version(dense)
-    for original, copy in write_back:
-        original.copy_(copy)
-    return True
+    if any(map(Tensor.numel, values)):
+        _call(lib, values, starts, keys.cpu(), threshold, factor)
 
 
 def _call(
@@ -391,7 +378,7 @@ def _call(
     firsts = array("q", starts)
     table = keys.contiguous()
     code = lib.dropgrad_bernoulli(
-        _DTYPE_CODES[values[0].dtype],
+        DTYPES[values[0].dtype],
         len(values),
         pointers.buffer_info()[0],
         sizes.buffer_info()[0],

@@ -51,7 +51,7 @@ def test_bernoulli_cuda_matches_cpu(
     if not use_triton:
         import dropgrad._triton_mask as triton_mask
 
-        monkeypatch.setattr(triton_mask, "triton_usable", lambda tensor: False)
+        monkeypatch.setattr(triton_mask, "triton_usable_all", lambda tensors: False)
     key = stream_key(2026, MASK_DOMAIN, 5, 3)
     cpu = _with_specials(size, dtype)
     cuda = cpu.cuda()

@@ -21,7 +21,6 @@ from dropgrad._masking import (
     bernoulli_columns_,
     bernoulli_keyed_,
     bernoulli_reference_,
-    quantize_rate,
 )
 from dropgrad._random import MASK_DOMAIN, stream_key
 
@@ -332,6 +331,10 @@ def test_a_key_table_that_does_not_fit_is_refused(native_calls: list[int]) -> No
         _native.bernoulli_(tensors, [0, 0], torch.zeros(1, 2, dtype=torch.int64), 100, 1.0)
     with pytest.raises(ValueError, match=r"got 2 starts and torch.int32 keys of shape \(2, 2\)"):
         _native.bernoulli_(tensors, [0, 0], torch.zeros(2, 2, dtype=torch.int32), 100, 1.0)
+    with pytest.raises(ValueError, match="every tensor must be contiguous"):
+        _native.bernoulli_(
+            [torch.ones(4, 2).t()], [0], torch.zeros(1, 2, dtype=torch.int64), 100, 1.0
+        )
     assert not native_calls
 
 
@@ -343,16 +346,12 @@ def test_non_contiguous_tensors_go_through_copies(native_calls: list[int]) -> No
     expected = view.clone()
     key = stream_key(4, MASK_DOMAIN, 2, 0)
     bernoulli_reference_([MaskTarget(expected, key, 3)], 0.4)
-    assert _native.bernoulli_([view], [3], lambda: _key_table_of([key]), *quantize_rate(0.4))
+    bernoulli_keyed_([MaskTarget(view, key, 3)], 0.4)
     assert_bit_identical(view, expected)
     outside = torch.ones_like(base, dtype=torch.bool)
     outside[2:27:2, 1::3] = False
     assert torch.equal(base[outside], untouched[outside])
     assert native_calls == [1]
-
-
-def _key_table_of(keys: list) -> torch.Tensor:
-    return torch.tensor([list(k) for k in keys], dtype=torch.int64)
 
 
 def test_cc_may_carry_arguments(tmp_path: Path) -> None:
