@@ -170,12 +170,9 @@ class DropGrad(Optimizer):
     r"""Wrap an optimizer so that each step sees randomly dropped gradients.
 
     Before the wrapped optimizer's ``step()``, every gradient element is zeroed
-    independently with probability :math:`p` (the parameter's drop rate) and the
+    independently with probability ``p`` (the parameter's drop rate) and the
     survivors are divided by the keep probability, so the expected gradient is
-    unchanged:
-
-    .. math::
-        \tilde g_i = \frac{m_i}{1 - p} g_i, \qquad m_i \sim \mathrm{Bernoulli}(1 - p).
+    unchanged: ``g_i <- m_i * g_i / (1 - p)`` with ``m_i ~ Bernoulli(1 - p)``.
 
     DropGrad is a real ``torch.optim.Optimizer`` that shares the wrapped
     optimizer's ``param_groups``, ``state`` and ``defaults``: LR schedulers,

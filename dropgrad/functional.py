@@ -1,15 +1,15 @@
 """Functional DropGrad: mask one gradient tensor, in place or out of place.
 
-:func:`drop_grad` is differentiable, for gradients built with
+`drop_grad` is differentiable, for gradients built with
 ``torch.autograd.grad(..., create_graph=True)`` inside meta-learning inner loops,
-where Tseng et al. (2020) apply gradient dropout. :func:`drop_grad_` is the
+where Tseng et al. (2020) apply gradient dropout. `drop_grad_` is the
 in-place sibling.
 
 Randomness comes in two forms:
 
 * **Keyed** (``seed=...``): the mask is a pure function of
   ``(seed, step, index)`` and each element's position, exactly the mask that
-  :class:`~dropgrad.DropGrad` built with that ``seed`` applies to parameter
+  `DropGrad` built with that ``seed`` applies to parameter
   number ``index`` at its step ``step``. Nothing is drawn from any generator.
 * **From a generator** (``generator=...``, or neither argument: torch's default
   generator for the tensor's device): 16-bit lanes drawn as 64-bit words, for
@@ -174,7 +174,7 @@ def drop_grad(
         generator: a ``torch.Generator`` on ``tensor``'s device; ``None`` (and
             no ``seed``) uses torch's default generator for that device.
         seed: an int in ``[0, 2**64)`` for a keyed mask: the mask
-            :class:`~dropgrad.DropGrad` with this seed gives parameter ``index``
+            `DropGrad` with this seed gives parameter ``index``
             at step ``step`` (element granularity). Default ``None``.
         step: DropGrad step of the keyed mask, an int in ``[0, 2**64)``; default 0.
         index: parameter index of the keyed mask, an int in ``[0, 2**64)``; default 0.
@@ -280,15 +280,15 @@ def drop_grad_(
     step: int = 0,
     index: int = 0,
 ) -> Tensor:
-    """In-place :func:`drop_grad` on a dense tensor; returns ``tensor``.
+    """In-place `drop_grad` on a dense tensor; returns ``tensor``.
 
-    Takes the same arguments as :func:`drop_grad`. Memory stays bounded: masks
+    Takes the same arguments as `drop_grad`. Memory stays bounded: masks
     are computed in blocks of at most ``2**20`` elements.
 
     Raises:
-        TypeError: as for :func:`drop_grad`, or ``tensor`` is sparse (coalesce
+        TypeError: as for `drop_grad`, or ``tensor`` is sparse (coalesce
             it and mask ``tensor.values()`` instead).
-        ValueError: as for :func:`drop_grad`.
+        ValueError: as for `drop_grad`.
     """
     _check_tensor(tensor, "drop_grad_")
     rate = check_probability(drop_rate, "drop_rate")
