@@ -40,7 +40,8 @@ class DropRateScheduler(ABC):
 
     Subclasses implement ``get_drop_rate``, which returns the rate at the
     current ``step_count`` as a float in ``[0, 1]``. Everything else
-    (stepping, checkpointing) is provided. The constructor takes no arguments.
+    (stepping, checkpointing) is provided. The constructor takes no arguments;
+    a subclass that defines its own calls ``super().__init__()``.
 
     ``state_dict()`` holds every instance attribute, so a subclass that keeps its
     configuration in plain attributes (numbers, strings, dicts and lists of them)
@@ -59,9 +60,9 @@ class DropRateScheduler(ABC):
         0.2
     """
 
-    #: Steps taken so far. A class default, so a subclass that skips
-    #: ``super().__init__()`` still starts at 0.
     step_count: int = 0
+    """Steps taken so far. A class default, so a subclass that skips
+    ``super().__init__()`` still starts at 0."""
 
     def __init__(self) -> None:
         self.step_count = 0
@@ -117,7 +118,9 @@ class _TwoEndScheduler(DropRateScheduler):
 class LinearDropRateScheduler(_TwoEndScheduler):
     """Straight line from ``initial_drop_rate`` at step 0 to ``final_drop_rate`` at ``num_steps``.
 
-    The rate stays at ``final_drop_rate`` after ``num_steps``.
+    A ``DropRateScheduler``: at step ``k`` the rate is
+    ``initial_drop_rate + (final_drop_rate - initial_drop_rate) * min(k, num_steps) / num_steps``,
+    so it stays at ``final_drop_rate`` after ``num_steps``.
 
     Args:
         initial_drop_rate: rate at step 0, in ``[0, 1]``.
@@ -148,11 +151,18 @@ class LinearDropRateScheduler(_TwoEndScheduler):
 class CosineAnnealingDropRateScheduler(_TwoEndScheduler):
     """Half cosine from ``initial_drop_rate`` at step 0 to ``final_drop_rate`` at ``num_steps``.
 
-    .. math::
-        p_k = p_{final} + (p_{initial} - p_{final}) \\frac{1 + \\cos(\\pi \\min(k, N) / N)}{2}
+    A ``DropRateScheduler``: at step ``k`` the rate is
+    ``final + (initial - final) * (1 + cos(pi * min(k, num_steps) / num_steps)) / 2``,
+    so it stays at ``final_drop_rate`` after ``num_steps``.
 
-    The rate stays at ``final_drop_rate`` after ``num_steps``. Arguments and
-    errors are those of ``LinearDropRateScheduler``.
+    Args:
+        initial_drop_rate: rate at step 0, in ``[0, 1]``.
+        final_drop_rate: rate from step ``num_steps`` on, in ``[0, 1]``.
+        num_steps: length of the schedule, an int >= 1.
+
+    Raises:
+        TypeError: a rate is not a real number, or ``num_steps`` is not an int.
+        ValueError: a rate is outside ``[0, 1]`` or NaN, or ``num_steps < 1``.
 
     Examples:
         >>> s = CosineAnnealingDropRateScheduler(0.2, 0.0, num_steps=2)
@@ -174,6 +184,9 @@ class CosineAnnealingDropRateScheduler(_TwoEndScheduler):
 
 class StepDropRateScheduler(DropRateScheduler):
     """Piecewise-constant rate.
+
+    A ``DropRateScheduler`` whose rate changes at the steps listed in
+    ``drop_rate_schedule`` and stays constant in between.
 
     Args:
         initial_drop_rate: rate before the first step listed in the schedule.
