@@ -384,7 +384,7 @@ def _interval(row: dict[str, str], scale: float) -> list[float]:
 
 @committed_only
 def test_committed_tables_summaries_and_figures_rebuild_byte_identically(rebuilt: Path):
-    files = ["tables.md", "figures.json"]
+    files = ["tables.md", "figures.json", "calibration.csv"]
     files += [f"{name}/summary.csv" for name in runner.EXPERIMENTS]
     for file in files:
         assert (rebuilt / file).read_bytes() == (COMMITTED / file).read_bytes(), file
@@ -442,17 +442,23 @@ def test_committed_curve_figures_end_at_each_arms_own_final_value():
     label_noise_runs = json.loads((COMMITTED / "label_noise" / "runs.json").read_text())
     from benchmarks.evidence import label_noise, language_model
 
-    for title, curves in record["label_noise.png"].items():
-        noise = title.split("%")[0]
-        key = "memorized" if "relabelled" in title else "test_acc"
-        assert set(curves) == set(label_noise.LABELS.values())
-        for arm, label in label_noise.LABELS.items():
+    config = json.loads((COMMITTED / "label_noise" / "meta.json").read_text())["config"]
+    present = {r["setting"] for r in label_noise_runs}
+    panels = label_noise.panels(config, present)
+    paths = {label_noise.path_title(s, config): s for s in present if s != "noise_0"}
+    assert set(record["label_noise.png"]) == {title for title, _, _ in panels} | set(paths)
+    for title, setting, key in panels + [(t, s, "test_acc") for t, s in paths.items()]:
+        curves = record["label_noise.png"][title]
+        arms = {r["arm"] for r in label_noise_runs if r["setting"] == setting}
+        assert set(curves) == {label_noise.LABELS[arm] for arm in arms}
+        for arm in arms:
             finals = [
                 r["final"][key]
                 for r in label_noise_runs
-                if r["setting"] == f"noise_{noise}" and r["arm"] == arm
+                if r["setting"] == setting and r["arm"] == arm
             ]
-            assert curves[label][-1] == pytest.approx(100 * sum(finals) / len(finals), rel=1e-6)
+            expected = 100 * sum(finals) / len(finals)
+            assert curves[label_noise.LABELS[arm]][-1] == pytest.approx(expected, rel=1e-6)
     lm_runs = json.loads((COMMITTED / "language_model" / "runs.json").read_text())
     curves = record["language_model.png"]["validation loss (nats/char)"]
     assert set(curves) == set(language_model.LABELS.values())

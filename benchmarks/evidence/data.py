@@ -128,14 +128,20 @@ def sample_episodes(
     n_query: int,
     count: int,
     rng: np.random.Generator,
+    *,
+    rows: np.ndarray | None = None,
 ) -> Episodes:
     """``count`` episodes over ``classes``: ``n_way`` classes, disjoint support and query images.
 
     The classes of an episode are drawn without replacement and shuffled, so the label a
-    digit gets differs between episodes.
+    digit gets differs between episodes. ``rows`` restricts the images to those indices.
     """
     images, labels = _digits_arrays()
-    pools = {c: np.flatnonzero(labels == c) for c in classes}
+    allowed = np.ones(len(labels), dtype=bool)
+    if rows is not None:
+        allowed[:] = False
+        allowed[rows] = True
+    pools = {c: np.flatnonzero((labels == c) & allowed) for c in classes}
     support_rows = np.empty((count, n_way, k_shot), dtype=np.int64)
     query_rows = np.empty((count, n_way, n_query), dtype=np.int64)
     for e in range(count):

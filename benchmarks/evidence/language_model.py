@@ -152,10 +152,13 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     )
     lr = reg.get("lr", config["lr"]) * reg.get("lr_scale", 1.0)
     optimizer: torch.optim.Optimizer
+    decay = reg.get("weight_decay", 0.0)
     if reg.get("optimizer", "adam") == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=reg.get("momentum", 0.0))
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=reg.get("momentum", 0.0), weight_decay=decay
+        )
     else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=decay)
     dropgrad = reg.get("dropgrad") or (
         {"drop_rate": reg["drop_rate"]} if "drop_rate" in reg else None
     )

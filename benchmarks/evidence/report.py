@@ -86,8 +86,35 @@ def compare_family(
     runs: Sequence[Run],
     endpoint: Endpoint,
     pairs: Sequence[tuple[str | None, str, str]],
+    *,
+    declared: int | None = None,
 ) -> list[stats.Comparison]:
-    """Compare each ``(setting, arm, reference)`` on ``endpoint``; Holm across all of them."""
+    """Compare each ``(setting, arm, reference)`` on ``endpoint``; Holm across all of them.
+
+    ``declared`` is the number of seeds declared before the first results of this family
+    were known. When the runs hold more seeds, the family is also judged on seeds
+    ``0 .. declared - 1`` alone; a comparison whose verdict differs there is marked
+    exploratory (``extra["declared_verdict"]``), since its verdict moved with seeds added
+    after results were seen.
+    """
+    comparisons = _compare_family(runs, endpoint, pairs)
+    if declared is None or all(c.n <= declared for c in comparisons):
+        return comparisons
+    early = _compare_family([r for r in runs if r["seed"] < declared], endpoint, pairs)
+    before = {(c.extra["setting"], c.arm, c.reference): c for c in early}
+    for c in comparisons:
+        first = before.get((c.extra["setting"], c.arm, c.reference))
+        c.extra["declared_seeds"] = declared
+        c.extra["declared_verdict"] = first.verdict if first else ""
+        c.extra["exploratory"] = bool(first and first.verdict != c.verdict)
+    return comparisons
+
+
+def _compare_family(
+    runs: Sequence[Run],
+    endpoint: Endpoint,
+    pairs: Sequence[tuple[str | None, str, str]],
+) -> list[stats.Comparison]:
     comparisons = []
     cache: dict[str | None, dict[str, tuple[dict[int, float], dict[int, bool]]]] = {}
     for setting, arm, reference in pairs:
@@ -148,12 +175,23 @@ def fmt_p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def fmt_bound(c: stats.Comparison, e: Endpoint) -> str:
+    """The tightest equivalence bound, ``±0.2``, in the endpoint's printed units."""
+    return f"±{c.bound90 * e.scale:.{e.digits + (1 if e.scale == 100 else 0)}f}"
+
+
 def fmt_verdict(c: stats.Comparison | None, e: Endpoint) -> str:
+    """The verdict; an equivalence with its margin and the tightest bound the data support;
+    ``exploratory`` where the verdict moved with seeds added after results were seen."""
     if c is None:
         return "—"
+    text = c.verdict
     if c.verdict == "equivalent":
-        return f"equivalent ({e.margin_text})"
-    return c.verdict
+        text = f"equivalent ({e.margin_text}; tightest {fmt_bound(c, e)})"
+    if c.extra.get("exploratory"):
+        before, declared = c.extra["declared_verdict"], c.extra["declared_seeds"]
+        text += f" (exploratory: {before} on the {declared} declared seeds)"
+    return text
 
 
 def comparison_table(

@@ -40,12 +40,15 @@ __all__ = ["EXPERIMENTS", "execute", "experiment", "rebuild", "run"]
 #: In the order their sections appear in ``tables.md``.
 EXPERIMENTS = (
     "meta_learning",
+    "meta_learning_closer",
     "mechanism",
     "label_noise",
     "tuned",
     "masking",
     "language_model",
+    "transformer_lm",
     "motion",
+    "controls",
 )
 
 
@@ -190,7 +193,8 @@ def run(
 
 
 def rebuild(out: Path, figure_dir: Path) -> list[str]:
-    """Rebuild every summary CSV, ``tables.md``, ``figures.json`` and figure from ``out``.
+    """Rebuild every summary CSV, ``tables.md``, ``figures.json`` and figure from ``out``, and
+    the calibration of the claimed nulls (``calibration.csv``; :func:`controls.calibrate`).
 
     Only the committed runs and configurations are read, so the output is byte-identical
     whenever the runs are. Returns the names of the experiments found.
@@ -217,6 +221,12 @@ def rebuild(out: Path, figure_dir: Path) -> list[str]:
         lines += markdown + [""]
         for record in module.plot(runs, rows, config, figure_dir):
             records[record.file] = record.panels
+    from .controls import calibrate
+
+    calibrated, markdown = calibrate(out)
+    if calibrated:
+        report.write_csv(out / "calibration.csv", calibrated)
+        lines += markdown + [""]
     (out / "tables.md").write_text("\n".join(lines).rstrip("\n") + "\n")
     (out / "figures.json").write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
     return found

@@ -14,6 +14,8 @@ module gives:
 * Holm's step-down correction across the comparisons of one experiment;
 * a paired TOST (two one-sided t-tests) against a stated equivalence margin, which is what a
   "no effect" claim needs: failing to reject zero is not evidence of absence;
+* the tightest equivalence bound the data support: the larger end, in absolute value, of the
+  90% t-interval, the smallest margin at which the (unadjusted) TOST would pass;
 * counts of seeds better, worse and tied (exactly equal), so ties are shown as ties;
 * for bimodal outcomes (runs that collapse), collapse counts and medians instead of a mean
   and a t-interval, which a few collapsed runs would stretch past any meaningful range.
@@ -46,6 +48,7 @@ __all__ = [
     "EXACT_LIMIT",
     "Comparison",
     "compare",
+    "equivalence_bound",
     "holm",
     "mean_std",
     "sign_flip_p",
@@ -124,6 +127,18 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
+def equivalence_bound(diffs: Sequence[float]) -> float:
+    """The smallest margin within which a paired TOST at level 0.05 shows equivalence.
+
+    That is ``max(|low|, |high|)`` of the 90% t-interval of the mean difference (unadjusted
+    for multiple comparisons); NaN with fewer than two differences.
+    """
+    if len(diffs) < 2:
+        return float("nan")
+    _, low, high = t_interval(diffs, level=0.90)
+    return max(abs(low), abs(high))
+
+
 def tost_p(diffs: Sequence[float], margin: float) -> float:
     """Paired TOST p-value for ``|mean difference| < margin`` (two one-sided t-tests).
 
@@ -164,6 +179,7 @@ class Comparison:
     p_sign: float
     p_sign_exact: bool
     p_tost: float
+    bound90: float
     n_better: int
     n_worse: int
     n_tied: int
@@ -222,6 +238,7 @@ def compare(
         p_sign=p_sign,
         p_sign_exact=exact,
         p_tost=float("nan") if collapsed_arm or collapsed_reference else tost_p(diffs, margin),
+        bound90=float("nan") if collapsed_arm or collapsed_reference else equivalence_bound(diffs),
         n_better=sum(sign * d > 0 for d in diffs),
         n_worse=sum(sign * d < 0 for d in diffs),
         n_tied=sum(d == 0 for d in diffs),
