@@ -206,14 +206,13 @@ def test_skipped_blocks_give_a_reason() -> None:
 
 
 def test_code_lines_fit_the_page_column() -> None:
-    # The site's code column shows about 78 characters; wider lines scroll sideways and
-    # hide their ends, comments included.
+    # The site's code column shows about 78 characters, the repository host's README view
+    # about 90; wider lines scroll sideways and hide their ends, comments included.
     for page in PAGES:
-        if page == "README.md":
-            continue
+        width = 88 if page == "README.md" else 76
         for block in code_blocks(page):
             for number, text in enumerate(str(block.parsed).splitlines(), start=block.line + 1):
-                assert len(text) <= 76, f"{page}:{number} is {len(text)} characters wide"
+                assert len(text) <= width, f"{page}:{number} is {len(text)} characters wide"
 
 
 def test_no_sketches() -> None:
