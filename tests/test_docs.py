@@ -312,6 +312,9 @@ def test_api_page_renders_cleanly(built_site: Path) -> None:
     html = (built_site / "api" / "index.html").read_text(encoding="utf-8")
     text = re.sub(r"<[^>]+>", "", html)
     assert not RAW_MARKUP.search(text)
+    # Private base classes are not shown as bases.
+    for bases in re.findall(r'class="doc doc-class-bases">(.*?)</p>', html, flags=re.S):
+        assert not re.search(r">\s*_\w", bases), re.sub(r"<[^>]+>", "", bases)
     assert "_TwoEndScheduler" not in text
     names = [name for name in dropgrad.__all__ if name != "__version__"]
     starts = sorted((html.index(f'id="dropgrad.{name}"'), name) for name in names)
