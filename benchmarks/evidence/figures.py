@@ -89,10 +89,11 @@ def curve(
     stacked: np.ndarray,
     *,
     band: bool = True,
+    color: str | None = None,
 ) -> None:
     """Plot the mean over rows of ``stacked`` (seeds by points), shading the seed range."""
     mean = stacked.mean(0)
-    (line,) = ax.plot(x, mean, label=label, linewidth=1.2)
+    (line,) = ax.plot(x, mean, label=label, linewidth=1.2, color=color)
     if band and len(stacked) > 1:
         ax.fill_between(x, stacked.min(0), stacked.max(0), alpha=0.12, color=line.get_color())
     record.add(panel, label, mean)

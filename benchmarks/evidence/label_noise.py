@@ -324,6 +324,17 @@ def path_title(setting: str, config: dict[str, Any]) -> str:
     return f"{setting_text(setting, config)}: held-out accuracy against wrong labels fitted"
 
 
+#: One colour per arm in every panel.
+COLORS = {
+    "none": "tab:blue",
+    "dropgrad_0.2": "tab:orange",
+    "dropgrad_0.4": "tab:green",
+    "dropout_0.3": "tab:red",
+    "adam_lr_0.2": "tab:purple",
+    "adam_lr_0.4": "tab:brown",
+}
+
+
 def plot(
     runs: list[dict[str, Any]], rows: list[dict[str, Any]], config: dict[str, Any], where: Any
 ) -> list[FigureRecord]:
@@ -331,41 +342,51 @@ def plot(
     record = FigureRecord("label_noise.png")
     present = {r["setting"] for r in runs}
     chosen = panels(config, present)
-    paths = [s for s, noise, _, _ in settings(config) if noise > 0 and s in present]
-    n = len(chosen) + len(paths)
-    columns = 3
-    n_rows = -(-n // columns)
-    fig, axes = plt.subplots(n_rows, columns, figsize=(4.8 * columns, 3.8 * n_rows), squeeze=False)
-    flat = list(axes.flat)
-    for ax, (title, setting, key) in zip(flat, chosen):
-        for arm in ALL_ARMS:
-            mine = [r for r in runs if r["setting"] == setting and r["arm"] == arm]
-            if not mine:
-                continue
-            stacked = 100 * np.array([r["curves"][key] for r in mine])
-            figures.curve(ax, record, title, LABELS[arm], mine[0]["curves"]["step"], stacked)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(title.split(": ")[1])
-        ax.legend()
-    for ax, setting in zip(flat[len(chosen) :], paths):
-        title = path_title(setting, config)
-        for arm in ALL_ARMS:
-            mine = [r for r in runs if r["setting"] == setting and r["arm"] == arm]
-            if not mine:
-                continue
-            memorized = 100 * np.array([r["curves"]["memorized"] for r in mine]).mean(0)
-            accuracy = 100 * np.array([r["curves"]["test_acc"] for r in mine]).mean(0)
-            ax.plot(memorized, accuracy, label=LABELS[arm], linewidth=1.2, marker=".", markersize=3)
-            record.add(title, LABELS[arm], accuracy)
-        ax.set_title(
-            f"{setting_text(setting, config)}:\nheld-out accuracy against wrong labels fitted"
-        )
-        ax.set_xlabel("relabelled images fitted (%), mean over seeds")
-        ax.set_ylabel("held-out accuracy (%), mean over seeds")
-        ax.legend()
-    for ax in flat[n:]:
-        ax.axis("off")
+    # One row per setting: its curves, then (with label noise) accuracy against memorization.
+    layout: list[list[tuple[str, str, str]]] = []
+    for setting, noise, _, _ in settings(config):
+        if setting not in present:
+            continue
+        row = [panel for panel in chosen if panel[1] == setting]
+        if noise > 0:
+            row.append((path_title(setting, config), setting, "path"))
+        layout.append(row)
+    columns = max(len(row) for row in layout)
+    fig, axes = plt.subplots(
+        len(layout), columns, figsize=(4.6 * columns, 3.7 * len(layout)), squeeze=False
+    )
+    for ax_row, row in zip(axes, layout):
+        for ax in ax_row[len(row) :]:
+            ax.axis("off")
+        for ax, (title, setting, key) in zip(ax_row, row):
+            mine_by_arm = {
+                arm: [r for r in runs if r["setting"] == setting and r["arm"] == arm]
+                for arm in ALL_ARMS
+            }
+            for arm, mine in mine_by_arm.items():
+                if not mine:
+                    continue
+                color = COLORS[arm]
+                if key == "path":
+                    memorized = 100 * np.array([r["curves"]["memorized"] for r in mine]).mean(0)
+                    accuracy = 100 * np.array([r["curves"]["test_acc"] for r in mine]).mean(0)
+                    ax.plot(memorized, accuracy, label=LABELS[arm], linewidth=1.2, color=color)
+                    record.add(title, LABELS[arm], accuracy)
+                    continue
+                stacked = 100 * np.array([r["curves"][key] for r in mine])
+                steps = mine[0]["curves"]["step"]
+                figures.curve(ax, record, title, LABELS[arm], steps, stacked, color=color)
+            if key == "path":
+                ax.set_title(
+                    f"{setting_text(setting, config)}:\naccuracy against wrong labels fitted"
+                )
+                ax.set_xlabel("relabelled images fitted (%), mean over seeds")
+                ax.set_ylabel("held-out accuracy (%), mean over seeds")
+            else:
+                ax.set_title(title.replace(": ", ":\n"))
+                ax.set_xlabel("step")
+                ax.set_ylabel(title.split(": ")[1])
+            ax.legend()
     fig.suptitle("Label noise: mean over seeds (line), seed range (shaded)")
     figures.save(fig, where, record.file)
     return [record]
