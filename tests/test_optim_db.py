@@ -32,10 +32,11 @@ sends back plain data: optimizer names, flags and constructor arguments.
 from __future__ import annotations
 
 import copy
-import io
 import math
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ IMPLEMENTATION_FLAGS = ("foreach", "differentiable", "fused")
 
 _READ_TABLE = textwrap.dedent(
     """
-    import io, sys, types, unittest
+    import sys, types, unittest
     import torch
     try:
         import expecttest  # noqa: F401
@@ -103,22 +104,23 @@ _READ_TABLE = textwrap.dedent(
             sparse_kwargs=dict(sparse_metadata[0]),
             inputs=inputs,
         ))
-    buffer = io.BytesIO()
-    torch.save(dict(version=torch.__version__, table=table), buffer)
-    sys.stdout.buffer.write(buffer.getvalue())
+    # To a file: torch's testing modules may print to stdout while they load.
+    torch.save(dict(version=torch.__version__, table=table), sys.argv[1])
     """
 )
 
 
 def _read_table() -> tuple[list[dict[str, Any]], str | None]:
     """torch's optimizer table as plain data, or ``[]`` and the reason it could not be read."""
-    done = subprocess.run(
-        [sys.executable, "-c", _READ_TABLE], capture_output=True, timeout=300, check=False
-    )
-    if done.returncode != 0:
-        last = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
-        return [], f"torch's optim_db could not be read: {' '.join(last)}"
-    read = torch.load(io.BytesIO(done.stdout), weights_only=False)
+    with tempfile.TemporaryDirectory(prefix="dropgrad-optim-db-") as directory:
+        path = os.path.join(directory, "table.pt")
+        done = subprocess.run(
+            [sys.executable, "-c", _READ_TABLE, path], capture_output=True, timeout=300, check=False
+        )
+        if done.returncode != 0:
+            last = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            return [], f"torch's optim_db could not be read: {' '.join(last)}"
+        read = torch.load(path, weights_only=False)
     return read["table"], None
 
 
