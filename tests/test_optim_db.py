@@ -542,9 +542,15 @@ def test_state_dict_round_trips_and_resumes(case: Case) -> None:
     closure = case.requires_closure
     end = _steps(case)
     half = end // 2
-    params = _make_params(_initial_values(case), case, history=False)
+    values = _initial_values(case)
+    probe_params = _make_params(values, case, history=False)
+    probe = _make_optimizer(case, probe_params)
+    _bare_or_skip(
+        lambda: _run(case, probe, probe_params, range(end), closure=closure, feed=_masked)
+    )
+    params = _make_params(values, case, history=False)
     wrapped = _wrap(case, params, RATE)
-    _bare_or_skip(lambda: _run(case, wrapped, params, range(half), closure=closure))
+    _run(case, wrapped, params, range(half), closure=closure)
     saved = copy.deepcopy(wrapped.state_dict())
     saved_wrapped_part = copy.deepcopy(wrapped.optimizer.state_dict())
     values_then = [p.detach().clone() for p in params]
