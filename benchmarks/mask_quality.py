@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from dropgrad._masking import lanes_reference
 from dropgrad._random import MASK_DOMAIN, lowbias32, stream_key, words_reference
+from dropgrad.kernels._reference import lanes_reference
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SEED = 20261122

@@ -7,8 +7,9 @@ one ``add_`` per parameter. The counts do not depend on the machine's speed,
 only on the torch version and the number of threads (blocks are cut the same
 way whatever the thread count). DropGrad is counted twice: as a step runs it
 (with the native CPU kernel when it could be built, which masks every float32
-tensor of a step in one call), and on the torch-op path (``DROPGRAD_NATIVE=0``,
-or no C compiler).
+tensor of a step in one call), and on the torch-op path (pinned with
+``DROPGRAD_BACKEND=torch``; it is also what runs with ``DROPGRAD_NATIVE=0`` or
+no C compiler).
 
 Usage::
 
@@ -23,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,7 @@ import torch
 from step_overhead import make_parameters
 from torch.profiler import ProfilerActivity, profile
 
-from dropgrad import DropGrad, _native
+from dropgrad import DropGrad, kernels
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 # (total parameter elements, number of tensors they are split into)
@@ -55,6 +59,20 @@ def count_step_ops(optimizer: torch.optim.Optimizer) -> int:
     return sum(1 for event in prof.events() if event.name.startswith("aten::"))
 
 
+@contextmanager
+def torch_op_backend() -> Iterator[None]:
+    """Pin the torch-op mask backend (``DROPGRAD_BACKEND=torch``), then restore the setting."""
+    before = os.environ.get("DROPGRAD_BACKEND")
+    os.environ["DROPGRAD_BACKEND"] = "torch"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DROPGRAD_BACKEND"]
+        else:
+            os.environ["DROPGRAD_BACKEND"] = before
+
+
 def count_case(total: int, tensors: int) -> dict[str, Any]:
     params = make_parameters(total, tensors, torch.device("cpu"), torch.Generator().manual_seed(0))
     bare = torch.optim.SGD(params, lr=1e-3)
@@ -63,7 +81,7 @@ def count_case(total: int, tensors: int) -> dict[str, Any]:
         bare.step()
         wrapped.step()
     bare_ops, dropgrad_ops = count_step_ops(bare), count_step_ops(wrapped)
-    with _native.disabled():
+    with torch_op_backend():
         wrapped.step()  # warm-up: the torch-op path builds its own plans
         torch_path_ops = count_step_ops(wrapped)
     return {
@@ -101,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"aten operations in one step (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, CPU, drop rate 0.1, float32; "
-        f"CPU mask kernel: {_native.status()}):"
+        f"CPU mask kernel: {kernels.status()['native']}):"
     )
     table = markdown(rows)
     print(header, table, sep="\n\n")
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "torch_version": torch.__version__,
-        "cpu_mask_kernel": _native.status(),
+        "cpu_mask_kernel": kernels.status()["native"],
         "quick": args.quick,
         "results": rows,
     }

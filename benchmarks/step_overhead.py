@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from dropgrad import DropGrad, _native
+from dropgrad import DropGrad, kernels
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 CONTENDERS = ("bare", "dropgrad", "update", "published")
@@ -112,7 +112,7 @@ def machine_info() -> dict[str, Any]:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         # Which CPU mask kernel DropGrad's steps use: the native one, or torch ops and why.
-        "cpu_mask_kernel": _native.status(),
+        "cpu_mask_kernel": kernels.status()["native"],
     }
 
 
@@ -223,7 +223,7 @@ def memory_child(variant: str, numel: int, device_name: str) -> None:
     # One-time setup, like importing torch, stays out of the step's figure: the native CPU
     # kernel is built (or loaded) and checked on first use, and that check runs a few torch
     # kernels for the first time, whose code pages alone raise the peak RSS by several MiB.
-    native_status = _native.status()
+    native_status = kernels.status()["native"]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -23,17 +23,22 @@ from __future__ import annotations
 import copy
 import numbers
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch.optim import Optimizer
 
 from ._random import resolve_seed
-from ._rates import GRANULARITIES, TARGETS, check_choice, check_full_update_drop, check_probability
+from ._rates import (
+    GRANULARITIES,
+    TARGETS,
+    check_choice,
+    check_distribution,
+    check_full_update_drop,
+    check_probability,
+)
+from ._settings import Rate, Settings, all_params
 from .dropgrad_scheduler import DropRateScheduler
-from .functional import check_distribution
-
-if TYPE_CHECKING:
-    from .dropgrad_opt import DropGrad, Rate
 
 __all__ = ["FORMAT_VERSION", "SECTION_KEY", "build_state_dict", "load_state_dict"]
 
@@ -92,29 +97,29 @@ def _decode(saved: Any, current: Rate, where: str, scheduler_index: Mapping[int,
     return check_probability(saved, f"state_dict {where}")
 
 
-def build_state_dict(opt: DropGrad) -> dict[str, Any]:
-    """The wrapped optimizer's state dict plus DropGrad's own section."""
-    schedulers = opt._schedulers()
+def build_state_dict(settings: Settings, wrapped: Optimizer) -> dict[str, Any]:
+    """The wrapped optimizer's state dict plus the section that encodes ``settings``."""
+    schedulers = settings.schedulers(wrapped.param_groups)
     scheduler_index = {id(s): i for i, s in enumerate(schedulers)}
-    state = dict(opt.optimizer.state_dict())
-    position = {param: i for i, param in enumerate(opt._all_params())}
+    state = dict(wrapped.state_dict())
+    position = {param: i for i, param in enumerate(all_params(wrapped.param_groups))}
     section = {
         "format_version": FORMAT_VERSION,
-        "seed": opt.seed,
-        "drop_rate": _encode(opt._default_rate, scheduler_index),
+        "seed": settings.seed,
+        "drop_rate": _encode(settings.default_rate, scheduler_index),
         "param_drop_rates": {
             position[param]: _encode(rate, scheduler_index)
-            for param, rate in opt._param_rates.items()
+            for param, rate in settings.param_rates.items()
         },
-        "full_update_drop": opt.full_update_drop,
-        "distribution": opt.distribution,
-        "target": opt.target,
-        "granularity": opt.granularity,
+        "full_update_drop": settings.full_update_drop,
+        "distribution": settings.distribution,
+        "target": settings.target,
+        "granularity": settings.granularity,
         "schedulers": [s.state_dict() for s in schedulers],
         "scheduler_types": [type(s).__qualname__ for s in schedulers],
-        "step_count": opt.step_count,
-        "skipped_count": opt.skipped_count,
-        "last_step_skipped": opt.last_step_skipped,
+        "step_count": settings.step_count,
+        "skipped_count": settings.skipped_count,
+        "last_step_skipped": settings.last_step_skipped,
     }
     groups = []
     for group in state["param_groups"]:
@@ -153,8 +158,11 @@ def _check_section(section: Any) -> Mapping[str, Any]:
     return section
 
 
-def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
-    """Load a state dict made by :func:`build_state_dict` (or a plain optimizer's).
+def load_state_dict(
+    settings: Settings, wrapped: Optimizer, state_dict: Mapping[str, Any]
+) -> Settings:
+    """Load a state dict made by :func:`build_state_dict` (or a plain optimizer's) into
+    ``wrapped``; returns the settings to use from now on (``settings`` is not changed).
 
     Everything is validated before anything is changed, so a state dict that
     does not fit leaves the optimizer as it was.
@@ -169,15 +177,15 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
         # A plain optimizer checkpoint: load it into the wrapped optimizer and
         # keep DropGrad's own configuration, including the groups' drop_rate
         # entries that the wrapped optimizer's load would replace.
-        kept = [group.get("drop_rate", _ABSENT) for group in opt.param_groups]
-        opt.optimizer.load_state_dict(base_state)
-        for group, rate in zip(opt.param_groups, kept):
+        kept = [group.get("drop_rate", _ABSENT) for group in wrapped.param_groups]
+        wrapped.load_state_dict(base_state)
+        for group, rate in zip(wrapped.param_groups, kept):
             if rate is not _ABSENT and "drop_rate" not in group:
                 group["drop_rate"] = rate
-        return
+        return settings
     section = _check_section(raw_section)
 
-    schedulers = opt._schedulers()
+    schedulers = settings.schedulers(wrapped.param_groups)
     scheduler_index = {id(s): i for i, s in enumerate(schedulers)}
     if len(section["schedulers"]) != len(schedulers):
         raise ValueError(
@@ -190,9 +198,9 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
                 f"cannot load state_dict: drop-rate scheduler {i} is a {saved_type} in the "
                 f"checkpoint but a {type(scheduler).__qualname__} in this DropGrad"
             )
-    default = _decode(section["drop_rate"], opt._default_rate, "drop_rate", scheduler_index)
+    default = _decode(section["drop_rate"], settings.default_rate, "drop_rate", scheduler_index)
 
-    params = opt._all_params()
+    params = all_params(wrapped.param_groups)
     param_rates: dict[torch.Tensor, Rate] = {}
     for position, saved in section["param_drop_rates"].items():
         if not isinstance(position, int) or not 0 <= position < len(params):
@@ -201,10 +209,10 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
                 f"{position!r} but the optimizer has {len(params)} parameters"
             )
         param = params[position]
-        current = opt._param_rates.get(param)
+        current = settings.param_rates.get(param)
         where = f"the rate of parameter {position}"
         param_rates[param] = _decode(saved, current, where, scheduler_index)
-    for param, current in opt._param_rates.items():
+    for param, current in settings.param_rates.items():
         if isinstance(current, DropRateScheduler) and param not in param_rates:
             raise ValueError(
                 "cannot load state_dict: this DropGrad has a scheduler for a parameter "
@@ -212,13 +220,13 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
             )
 
     saved_groups = base_state.get("param_groups", [])
-    if len(saved_groups) != len(opt.param_groups):
+    if len(saved_groups) != len(wrapped.param_groups):
         raise ValueError(
             f"cannot load state_dict: it has {len(saved_groups)} parameter group(s) but "
-            f"the optimizer has {len(opt.param_groups)}"
+            f"the optimizer has {len(wrapped.param_groups)}"
         )
     group_schedulers: dict[int, DropRateScheduler] = {}
-    for i, (saved_group, group) in enumerate(zip(saved_groups, opt.param_groups)):
+    for i, (saved_group, group) in enumerate(zip(saved_groups, wrapped.param_groups)):
         saved = saved_group.get("drop_rate")
         current = group.get("drop_rate")
         if isinstance(saved, Mapping) or isinstance(current, DropRateScheduler):
@@ -227,11 +235,18 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
             assert isinstance(decoded, DropRateScheduler)
             group_schedulers[i] = decoded
 
-    full_update_drop = check_full_update_drop(section["full_update_drop"], default)
-    distribution = check_distribution(section["distribution"])
-    seed = resolve_seed(section["seed"])
-    target = check_choice(section["target"], "state_dict target", TARGETS)
-    granularity = check_choice(section["granularity"], "state_dict granularity", GRANULARITIES)
+    loaded = Settings(
+        default_rate=default,
+        full_update_drop=check_full_update_drop(section["full_update_drop"], default),
+        distribution=check_distribution(section["distribution"]),
+        target=check_choice(section["target"], "state_dict target", TARGETS),
+        granularity=check_choice(section["granularity"], "state_dict granularity", GRANULARITIES),
+        seed=resolve_seed(section["seed"]),
+        param_rates=param_rates,
+        step_count=int(section["step_count"]),
+        skipped_count=int(section["skipped_count"]),
+        last_step_skipped=bool(section["last_step_skipped"]),
+    )
     for i, saved_group in enumerate(saved_groups):
         for entry, choices in (("target", TARGETS), ("granularity", GRANULARITIES)):
             if entry in saved_group:
@@ -242,23 +257,14 @@ def load_state_dict(opt: DropGrad, state_dict: Mapping[str, Any]) -> None:
     # wrapped optimizer is changed.
     for scheduler, scheduler_state in zip(schedulers, section["schedulers"]):
         copy.copy(scheduler).load_state_dict(scheduler_state)
-    counters = [int(section[key]) for key in ("step_count", "skipped_count")]
 
-    opt.optimizer.load_state_dict(base_state)
+    wrapped.load_state_dict(base_state)
     # The wrapped optimizer deep-copies group entries; put the live schedulers back.
     for i, scheduler in group_schedulers.items():
-        opt.param_groups[i]["drop_rate"] = scheduler
+        wrapped.param_groups[i]["drop_rate"] = scheduler
     for scheduler, scheduler_state in zip(schedulers, section["schedulers"]):
         scheduler.load_state_dict(scheduler_state)
-    opt._default_rate = default
-    opt._param_rates = param_rates
-    opt._full_update_drop = full_update_drop
-    opt.distribution = distribution
-    opt.seed = seed
-    opt._target = target
-    opt._granularity = granularity
-    opt.step_count, opt.skipped_count = counters
-    opt.last_step_skipped = bool(section["last_step_skipped"])
+    return loaded
 
 
 def _refuse_top_level_section(section: Any) -> None:

@@ -25,7 +25,7 @@ The construction has two levels:
 Each 32-bit word holds two 16-bit *lanes*: element ``2w`` of a parameter reads
 the low half of word ``w`` and element ``2w + 1`` the high half (on a
 little-endian machine this is simply the word buffer viewed as ``int16``).
-The Gaussian variant reads two whole words per element (see ``_masking.py``).
+The Gaussian variant reads two whole words per element (see ``kernels/_reference.py``).
 
 torch has no unsigned 32-bit arithmetic, so words live in ``int32`` tensors;
 multiplication and addition wrap modulo ``2**32`` exactly as unsigned
@@ -51,15 +51,14 @@ __all__ = [
     "SKIP_DOMAIN",
     "StreamKey",
     "default_seed",
+    "domain_of",
     "hash_words_",
-    "lowbias32",
     "resolve_seed",
     "signed_int32",
     "skip_decision",
     "splitmix64",
     "stream_key",
     "stream_key_table",
-    "stream_keys",
     "words_reference",
 ]
 
@@ -90,16 +89,6 @@ def splitmix64(value: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
-
-
-def lowbias32(value: int) -> int:
-    """The word hash on one Python integer; the scalar twin of :func:`hash_words_`."""
-    x = value & _MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
 
 
 def _to_int32(value: int) -> int:
@@ -153,29 +142,18 @@ def _splitmix64_tensor(values: Tensor) -> Tensor:
     return z
 
 
-# Up to this many keys, a Python loop costs less than the dozen tensor ops.
-_SCALAR_KEYS = 16
-
-
-def stream_keys(seed: int, domain: int, step: int, indices: Sequence[int]) -> list[StreamKey]:
-    """:func:`stream_key` for many parameter indices at once (vectorized, same values).
-
-    A step of a model with a thousand parameters needs a thousand keys; one
-    SplitMix64 round per key in Python would cost milliseconds.
-    """
-    if not indices:
-        return []
-    if len(indices) <= _SCALAR_KEYS:
-        return [stream_key(seed, domain, step, index) for index in indices]
-    # NamedTuple's own constructor costs microseconds per call; _make does not.
-    return list(map(StreamKey._make, stream_key_table(seed, domain, step, indices).tolist()))
+def domain_of(distribution: str) -> int:
+    """The domain of a distribution's mask streams: Bernoulli lanes or Gaussian noise."""
+    return GAUSSIAN_DOMAIN if distribution == "gaussian" else MASK_DOMAIN
 
 
 def stream_key_table(seed: int, domain: int, step: int, indices: Sequence[int]) -> Tensor:
-    """The keys of :func:`stream_keys` as a CPU int64 tensor of shape ``(n, 2)``: ``a, b``.
+    """:func:`stream_key` for many parameter indices at once, as a CPU int64 tensor of
+    shape ``(n, 2)``: ``a, b`` per row (vectorized, the same values).
 
-    Kernels that hash many small tensors at once read their keys from this
-    table with tensor ops instead of building one Python object per key.
+    A step of a model with a thousand parameters needs a thousand keys; one
+    SplitMix64 round per key in Python would cost milliseconds, and kernels read
+    their keys from this table without one Python object per key.
     """
     step_key = splitmix64(splitmix64(seed ^ domain) ^ (step & _MASK64))
     # Parameter positions fit in int64; larger indices take the exact signed form.

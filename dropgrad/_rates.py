@@ -15,9 +15,11 @@ from typing import Any
 import torch
 
 __all__ = [
+    "DISTRIBUTIONS",
     "GRANULARITIES",
     "TARGETS",
     "check_choice",
+    "check_distribution",
     "check_full_update_drop",
     "check_probability",
     "match_names",
@@ -166,3 +168,18 @@ def check_choice(value: Any, argument: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{argument} must be one of {choices}, got {value!r}")
     return value
+
+
+#: The mask distributions: keep-or-drop, or multiplicative Gaussian noise.
+DISTRIBUTIONS = ("bernoulli", "gaussian")
+
+
+def check_distribution(distribution: object) -> str:
+    """Return ``distribution`` if it names a supported mask distribution.
+
+    Raises:
+        ValueError: it is not ``"bernoulli"`` or ``"gaussian"``.
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    return str(distribution)

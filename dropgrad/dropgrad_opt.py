@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple, TypeAlias, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,34 +13,28 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as torch_optimizer
 
 from . import _checkpoint
-from ._apply import (
-    Located,
-    Planned,
-    UpdateSnapshots,
-    is_dtensor,
-    locate,
-    mask_all,
-    mask_dense_buckets,
-)
+from ._plan import Batch, UpdateSnapshots, is_dtensor, plan_step
 from ._random import resolve_seed, skip_decision
 from ._rates import (
     GRANULARITIES,
     TARGETS,
     check_choice,
+    check_distribution,
     check_full_update_drop,
-    check_probability,
-    match_names,
     named_parameters_of,
 )
+from ._settings import (
+    Rate,
+    Settings,
+    check_group_entries,
+    check_rate,
+    current_rate,
+    param_rates,
+)
 from .dropgrad_scheduler import DropRateScheduler
-from .functional import check_distribution
 
 __all__ = ["DropGrad", "Rate"]
 
-#: A drop rate as DropGrad accepts it: a probability, ``None`` (never drop) or a scheduler.
-Rate: TypeAlias = "float | None | DropRateScheduler"
-
-_MISSING = object()
 # Not pickled or deep-copied, as in torch.optim: hook dictionaries may hold
 # lambdas, and "step" is the per-instance patch an LR scheduler installs, which
 # refers back to this very instance (a copy keeping it would step the original).
@@ -79,55 +72,6 @@ def _global_step_hooks_suspended() -> Iterator[None]:
             hooks.clear()
             hooks.update(kept)
             hooks.update(added)
-
-
-_DTYPE_OF = operator.attrgetter("dtype")
-_DEVICE_OF = operator.attrgetter("device")
-_LAYOUT_OF = operator.attrgetter("layout")
-
-
-def _uniform_dense(grads: list[Any]) -> tuple[torch.device, torch.dtype] | None:
-    """The device and dtype of ``grads`` when all are plain dense tensors sharing them."""
-    if not grads or set(map(type, grads)) != {Tensor}:
-        return None  # a None, a subclass (DTensor) or nothing at all
-    if set(map(_LAYOUT_OF, grads)) != {torch.strided}:
-        return None
-    dtypes = set(map(_DTYPE_OF, grads))
-    devices = set(map(_DEVICE_OF, grads))
-    if len(dtypes) != 1 or len(devices) != 1:
-        return None
-    return next(iter(devices)), next(iter(dtypes))
-
-
-class _GroupPlan(NamedTuple):
-    """A param group's share of a step when every parameter takes its group's settings.
-
-    Attributes:
-        first: position of the group's first parameter in ``param_groups``.
-        params: the group's parameter list.
-        rate: the group's rate at this step (``None`` or 0: not masked).
-    """
-
-    first: int
-    params: list[Tensor]
-    rate: float | None
-
-
-def _check_rate(value: Any, argument: str) -> Rate:
-    """A rate as DropGrad accepts it: ``None``, a scheduler, or a probability."""
-    if value is None or isinstance(value, DropRateScheduler):
-        return value
-    return check_probability(value, argument)
-
-
-def _check_group_entries(group: Mapping[str, Any], where: str) -> None:
-    """Validate a param group's own ``drop_rate``, ``target`` and ``granularity``."""
-    if "drop_rate" in group:
-        _check_rate(group["drop_rate"], f"{where}['drop_rate']")
-    if "target" in group:
-        check_choice(group["target"], f"{where}['target']", TARGETS)
-    if "granularity" in group:
-        check_choice(group["granularity"], f"{where}['granularity']", GRANULARITIES)
 
 
 class _SharedWithWrapped:
@@ -228,16 +172,17 @@ class DropGrad(Optimizer):
             ``target`` / ``granularity`` is not one of the choices above.
 
     Attributes:
-        optimizer: the wrapped optimizer.
-        seed: the mask key in use (an int in ``[0, 2**64)``).
-        step_count: number of ``step()`` calls made, skipped ones included
+        optimizer (torch.optim.Optimizer): the wrapped optimizer.
+        seed (int): the mask key in use (an int in ``[0, 2**64)``).
+        step_count (int): number of ``step()`` calls made, skipped ones included
             (the ``s`` of the mask key).
-        skipped_count: number of steps skipped by full update drop.
-        last_step_skipped: whether the most recent step was skipped.
+        skipped_count (int): number of steps skipped by full update drop.
+        last_step_skipped (bool): whether the most recent step was skipped.
 
     Examples:
         >>> net = torch.nn.Linear(4, 2)
-        >>> opt = DropGrad(torch.optim.SGD(net.parameters(), lr=0.1), drop_rate=0.1, seed=0)
+        >>> base = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> opt = DropGrad(base, drop_rate=0.1, seed=0)
         >>> net(torch.randn(3, 4)).sum().backward()
         >>> opt.step(); opt.zero_grad()
         >>> opt.step_count
@@ -270,7 +215,7 @@ class DropGrad(Optimizer):
                 "optimizer is already a DropGrad; wrap the inner optimizer "
                 "(its .optimizer) once, with all the rates you need"
             )
-        default = _check_rate(drop_rate, "drop_rate")
+        default = check_rate(drop_rate, "drop_rate")
         if drop_rate_scheduler is not None:
             if not isinstance(drop_rate_scheduler, DropRateScheduler):
                 raise TypeError(
@@ -284,22 +229,28 @@ class DropGrad(Optimizer):
                 )
             default = drop_rate_scheduler
         for i, group in enumerate(optimizer.param_groups):
-            _check_group_entries(group, f"param_groups[{i}]")
+            check_group_entries(group, f"param_groups[{i}]")
         target = check_choice(target, "target", TARGETS)
         granularity = check_choice(granularity, "granularity", GRANULARITIES)
-        param_rates = self._resolve_params(optimizer, params)
+        own_rates = param_rates(optimizer.param_groups, params)
         if (
             default is None
-            and not param_rates
+            and not own_rates
             and not any("drop_rate" in g for g in optimizer.param_groups)
         ):
             raise ValueError(
                 "DropGrad needs a drop rate: pass drop_rate, drop_rate_scheduler or params "
                 "(or give a param group a 'drop_rate' entry)"
             )
-        full_update_drop = check_full_update_drop(full_update_drop, default)
-        distribution = check_distribution(distribution)
-        seed = resolve_seed(seed)
+        settings = Settings(
+            default_rate=default,
+            full_update_drop=full_update_drop,
+            distribution=distribution,
+            target=target,
+            granularity=granularity,
+            seed=resolve_seed(seed),
+            param_rates=own_rates,
+        )
 
         # Optimizer.__init__ sets up the hook dictionaries and wraps step() so
         # step hooks fire; the empty group it builds is discarded once the
@@ -309,127 +260,29 @@ class DropGrad(Optimizer):
         for name in ("param_groups", "state", "defaults"):
             self.__dict__.pop(f"_before_wrap_{name}", None)
 
-        self._default_rate: Rate = default
-        self._param_rates: dict[Tensor, Rate] = param_rates
-        self._full_update_drop: bool | float = full_update_drop
-        self._distribution = distribution
-        self._target = target
-        self._granularity = granularity
-        self.seed = seed
-        self.step_count = 0
-        self.skipped_count = 0
-        self.last_step_skipped = False
-        # "fast" is the block path; "reference" the plain one it is tested against.
-        self._mask_impl = "fast"
+        self._settings = settings
 
-    # ------------------------------------------------------------------ rates
+    # ------------------------------------------------------------------ settings
 
-    @staticmethod
-    def _resolve_params(
-        optimizer: Optimizer, params: Mapping[Tensor | str, Any] | None
-    ) -> dict[Tensor, Rate]:
-        """Turn the ``params`` argument into a map from each parameter to its own rate."""
-        if params is None:
-            return {}
-        if not isinstance(params, Mapping):
-            raise TypeError(
-                "params must be a dict mapping Parameters or parameter names to drop "
-                f"rates, got {type(params).__name__}"
-            )
-        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        by_param: dict[Tensor, Rate] = {}
-        by_name: dict[str, Rate] = {}
-        for key, value in params.items():
-            if isinstance(key, Tensor):
-                label = f"params[<tensor of shape {tuple(key.shape)}>]"
-                if id(key) not in known:
-                    raise ValueError(
-                        f"{label}: this tensor is not updated by the wrapped optimizer; "
-                        "use parameters from its param_groups (or add them first)"
-                    )
-                by_param[key] = _check_rate(value, label)
-            elif isinstance(key, str):
-                by_name[key] = _check_rate(value, f"params[{key!r}]")
-            else:
-                raise TypeError(
-                    "params keys must be Parameters or parameter-name strings, "
-                    f"got {type(key).__name__} {key!r}"
-                )
-        resolved: dict[Tensor, Rate] = {}
-        if by_name:
-            named = named_parameters_of(optimizer.param_groups)
-            if not named:
-                first = next(iter(by_name))
-                raise ValueError(
-                    f"params has string keys such as {first!r} but the wrapped optimizer "
-                    "has no parameter names; build it from model.named_parameters(), give "
-                    "each param group a 'name' entry, or key params by Parameter"
-                )
-            for param, key in match_names(by_name, named).items():
-                resolved[param] = by_name[key]
-        # A Parameter key is more specific than any name.
-        resolved.update(by_param)
-        return resolved
+    @property
+    def seed(self) -> int:
+        """The mask key in use (an int in ``[0, 2**64)``)."""
+        return self._settings.seed
 
-    @staticmethod
-    def _current(rate: Rate, where: str) -> float | None:
-        """The value of a rate at this step: schedulers are asked and checked."""
-        if isinstance(rate, DropRateScheduler):
-            value = rate.get_drop_rate()
-            label = (
-                f"{where}: {type(rate).__name__}.get_drop_rate() at step_count={rate.step_count}"
-            )
-            return check_probability(value, label)
-        return rate
+    @property
+    def step_count(self) -> int:
+        """``step()`` calls made, skipped ones included (the ``s`` of the mask key)."""
+        return self._settings.step_count
 
-    def _group_rate(
-        self, index: int, group: Mapping[str, Any], default: float | None
-    ) -> float | None:
-        if "drop_rate" not in group:
-            return default
-        where = f"param_groups[{index}]['drop_rate']"
-        return self._current(_check_rate(group["drop_rate"], where), where)
+    @property
+    def skipped_count(self) -> int:
+        """Steps skipped by full update drop."""
+        return self._settings.skipped_count
 
-    def _all_params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
-    def _plan(self) -> list[Planned]:
-        """Each parameter, once, with its index, rate, target and granularity at this step.
-
-        torch tolerates a parameter listed twice; it is planned (and masked)
-        once, at its first position.
-        """
-        default = self._current(self._default_rate, "drop_rate")
-        param_rates = self._param_rates
-        plan: list[Planned] = []
-        seen: set[int] = set()
-        index = 0
-        for i, group in enumerate(self.param_groups):
-            group_rate = self._group_rate(i, group, default)
-            target = group.get("target", self._target)
-            granularity = group.get("granularity", self._granularity)
-            for param in group["params"]:
-                position, index = index, index + 1
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                # A tensor's hash is a Python call: look it up only when some have rates.
-                own = param_rates.get(param, _MISSING) if param_rates else _MISSING
-                rate = group_rate if own is _MISSING else self._current(own, "params")  # type: ignore[arg-type]
-                plan.append(Planned(position, param, rate, target, granularity))
-        return plan
-
-    def _schedulers(self) -> list[DropRateScheduler]:
-        """Every distinct scheduler in use, in a fixed order: default, groups, parameters."""
-        candidates: list[Any] = [self._default_rate]
-        candidates += [group.get("drop_rate") for group in self.param_groups]
-        if self._param_rates:  # a walk over every parameter, needed only when some have rates
-            candidates += [self._param_rates.get(p) for p in self._all_params()]
-        unique: dict[int, DropRateScheduler] = {}
-        for rate in candidates:
-            if isinstance(rate, DropRateScheduler):
-                unique.setdefault(id(rate), rate)
-        return list(unique.values())
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the most recent step was skipped by full update drop."""
+        return self._settings.last_step_skipped
 
     @property
     def drop_rate(self) -> float | None:
@@ -438,55 +291,54 @@ class DropGrad(Optimizer):
         Assigning a float, ``None`` or a scheduler replaces the default from the
         next step on.
         """
-        return self._current(self._default_rate, "drop_rate")
+        return self._settings.default_now()
 
     @drop_rate.setter
     def drop_rate(self, value: float | DropRateScheduler | None) -> None:
-        rate = _check_rate(value, "drop_rate")
-        check_full_update_drop(self._full_update_drop, rate)
-        self._default_rate = rate
+        self._settings.set_default_rate(value)
 
     @property
     def drop_rate_scheduler(self) -> DropRateScheduler | None:
         """The scheduler behind the default rate, or ``None``."""
-        rate = self._default_rate
+        rate = self._settings.default_rate
         return rate if isinstance(rate, DropRateScheduler) else None
 
     @property
     def full_update_drop(self) -> bool | float:
         """``False``, ``True`` (skip with the default rate) or the skip probability."""
-        return self._full_update_drop
+        return self._settings.full_update_drop
 
     @full_update_drop.setter
     def full_update_drop(self, value: bool | float) -> None:
-        self._full_update_drop = check_full_update_drop(value, self._default_rate)
+        settings = self._settings
+        settings.full_update_drop = check_full_update_drop(value, settings.default_rate)
 
     @property
     def distribution(self) -> str:
         """``"bernoulli"`` or ``"gaussian"``; assigning another value raises ``ValueError``."""
-        return self._distribution
+        return self._settings.distribution
 
     @distribution.setter
     def distribution(self, value: str) -> None:
-        self._distribution = check_distribution(value)
+        self._settings.distribution = check_distribution(value)
 
     @property
     def target(self) -> str:
         """Default mask target, ``"gradient"`` or ``"update"``; a group's ``'target'`` wins."""
-        return self._target
+        return self._settings.target
 
     @target.setter
     def target(self, value: str) -> None:
-        self._target = check_choice(value, "target", TARGETS)
+        self._settings.target = check_choice(value, "target", TARGETS)
 
     @property
     def granularity(self) -> str:
         """Default granularity, ``"element"``, ``"row"`` or ``"tensor"``; a group's entry wins."""
-        return self._granularity
+        return self._settings.granularity
 
     @granularity.setter
     def granularity(self, value: str) -> None:
-        self._granularity = check_choice(value, "granularity", GRANULARITIES)
+        self._settings.granularity = check_choice(value, "granularity", GRANULARITIES)
 
     def get_drop_rates(self) -> list[float | None]:
         """The rate each param group gets at the next step, like ``get_last_lr()``.
@@ -495,7 +347,8 @@ class DropGrad(Optimizer):
         ``get_param_drop_rates``.
         """
         default = self.drop_rate
-        return [self._group_rate(i, g, default) for i, g in enumerate(self.param_groups)]
+        groups = self.param_groups
+        return [self._settings.group_rate(i, g, default) for i, g in enumerate(groups)]
 
     def get_param_drop_rates(self) -> dict[str, float | None]:
         """The next-step rate of each parameter that has its own rate in ``params``.
@@ -508,124 +361,17 @@ class DropGrad(Optimizer):
         named = named_parameters_of(self.param_groups)
         uses = Counter(name for name, _ in named)
         names = {id(p): n for n, p in named if uses[n] == 1}
+        own_rates = self._settings.param_rates
         rates: dict[str, float | None] = {}
         for i, group in enumerate(self.param_groups):
             for j, param in enumerate(group["params"]):
-                if param in self._param_rates:
+                if param in own_rates:
                     key = names.get(id(param), f"param_groups[{i}][{j}]")
-                    rates[key] = self._current(self._param_rates[param], key)
+                    rates[key] = current_rate(own_rates[param], key)
         return rates
 
     # ------------------------------------------------------------------ steps
-
-    def _skip_probability(self) -> float:
-        setting = self._full_update_drop
-        if setting is False:
-            return 0.0
-        if setting is True:
-            return self.drop_rate or 0.0
-        return float(setting)
-
-    def _element_groups(self) -> list[_GroupPlan] | None:
-        """The common plan, one entry per param group, or ``None`` for the general one.
-
-        When no parameter has its own rate and every group masks gradients
-        elementwise, a parameter's settings are its group's, and a step needs
-        no object per parameter (``_plan`` builds one). ``None`` when that does
-        not hold, when a parameter is listed twice, or when the plain
-        reference kernels are in use.
-        """
-        if self._param_rates or self._mask_impl == "reference":
-            return None
-        seen: set[int] = set()
-        count = 0
-        for group in self.param_groups:
-            if group.get("target", self._target) != "gradient":
-                return None
-            if group.get("granularity", self._granularity) != "element":
-                return None
-            seen.update(map(id, group["params"]))
-            count += len(group["params"])
-        if len(seen) != count:
-            return None
-        # Rates are read only once the plan is settled, so a scheduler is not
-        # asked twice in a step that falls back to _plan.
-        default = self._current(self._default_rate, "drop_rate")
-        groups: list[_GroupPlan] = []
-        position = 0
-        for i, group in enumerate(self.param_groups):
-            params = group["params"]
-            groups.append(_GroupPlan(position, params, self._group_rate(i, group, default)))
-            position += len(params)
-        return groups
-
-    @torch.no_grad()
-    def _mask_group_gradients(self, groups: list[_GroupPlan], scale: float) -> None:
-        """``_mask_gradients`` for an ``_element_groups`` plan.
-
-        Plain dense gradients are bucketed by device, dtype and rate straight
-        from the groups; the rest (sparse gradients, DTensors, unmasked
-        gradients to scale) take the general path.
-        """
-        buckets: dict[tuple[torch.device, torch.dtype, float], tuple[list[Tensor], list[int]]]
-        buckets = {}
-        general: list[Planned] = []
-        for first, params, rate in groups:
-            if not rate:
-                if scale != 1.0:
-                    general += [
-                        Planned(first + j, p, rate, "gradient", "element")
-                        for j, p in enumerate(params)
-                    ]
-                continue
-            grads = [param.grad for param in params]
-            uniform = _uniform_dense(grads)
-            if uniform is not None:
-                # The usual group: every gradient present, dense, of one dtype and
-                # device; checked a property at a time rather than per gradient.
-                bucket = buckets.setdefault((*uniform, rate), ([], []))
-                bucket[0].extend(cast(list[Tensor], grads))
-                bucket[1].extend(range(first, first + len(grads)))
-                continue
-            for j, (param, grad) in enumerate(zip(params, grads)):
-                if grad is None:
-                    continue
-                if type(grad) is not Tensor or grad.is_sparse:
-                    general.append(Planned(first + j, param, rate, "gradient", "element"))
-                    continue
-                values, positions = buckets.setdefault((grad.device, grad.dtype, rate), ([], []))
-                values.append(grad)
-                positions.append(first + j)
-        if general:
-            self._mask_gradients(general, scale)
-        mask_dense_buckets(buckets, self.seed, self.step_count, self.distribution, scale)
-
-    @torch.no_grad()
-    def _mask_gradients(self, plan: list[Planned], scale: float) -> None:
-        """Mask every gradient whose parameter's target is the gradient, in place."""
-        entries: list[tuple[Planned, Located]] = []
-        for entry in plan:
-            param = entry.param
-            grad = param.grad
-            if grad is None:
-                continue
-            if entry.target == "update" and self._needs_snapshot(entry, scale):
-                continue
-            if grad.is_sparse and entry.rate:
-                # Mask logical elements: duplicate indices must be summed first.
-                # Scaling uncoalesced values is exact, so rate 0 leaves .grad as it was.
-                grad = grad.coalesce()
-                param.grad = grad
-            if grad.is_sparse and not entry.rate:
-                entries.append((entry, Located(grad._values())))
-                continue
-            entries.append((entry, locate(grad)))
-        mask_all(entries, self.seed, self.step_count, self.distribution, scale, self._mask_impl)
-
-    @staticmethod
-    def _needs_snapshot(entry: Planned, scale: float) -> bool:
-        """Whether an update-masked parameter needs its update masked or scaled."""
-        return bool(entry.rate) or scale != 1.0
+    # ------------------------------------------------------------------ steps
 
     def _is_state_initialization(self) -> bool:
         """Whether this step only creates the wrapped optimizer's state.
@@ -654,13 +400,6 @@ class DropGrad(Optimizer):
             if bool(local.any()):
                 return False
         return True
-
-    def _finish_step(self, skipped: bool) -> None:
-        for scheduler in self._schedulers():
-            scheduler.step()
-        self.step_count += 1
-        self.skipped_count += int(skipped)
-        self.last_step_skipped = skipped
 
     def _run_wrapped_step(self, closure: Callable[[], Any] | None) -> Any:
         """Call the wrapped optimizer's ``step`` (with ``closure`` when one is given).
@@ -698,10 +437,10 @@ class DropGrad(Optimizer):
         """
         if self._is_state_initialization():
             return self._run_wrapped_step(closure)
-        groups = self._element_groups()
-        plan = self._plan() if groups is None else []
-        skip_probability = self._skip_probability()
-        if skip_decision(self.seed, self.step_count, skip_probability):
+        settings = self._settings
+        runs = plan_step(settings, self.param_groups)
+        skip_probability = settings.skip_probability()
+        if skip_decision(settings.seed, settings.step_count, skip_probability):
             loss = None
             if closure is not None:
                 with torch.enable_grad():
@@ -709,19 +448,20 @@ class DropGrad(Optimizer):
             # LR schedulers built on the wrapped optimizer check that its step
             # ran; a deliberately skipped step counts as run for them.
             self.optimizer._opt_called = True  # type: ignore[attr-defined]
-            self._finish_step(skipped=True)
+            settings.finish_step(self.param_groups, skipped=True)
             return loss
 
         scale = 1.0 / (1.0 - skip_probability)
         snapshots = UpdateSnapshots(
-            [e for e in plan if e.target == "update" and self._needs_snapshot(e, scale)]
+            run for run in runs if run.target == "update" and (run.rate or scale != 1.0)
         )
+        gradient_runs = [run for run in runs if run.target == "gradient"]
 
         def mask_gradients() -> None:
-            if groups is None:
-                self._mask_gradients(plan, scale)
-            else:
-                self._mask_group_gradients(groups, scale)
+            batch = Batch(scale)
+            for run in gradient_runs:
+                batch.add_gradients(run)
+            batch.mask_(settings.seed, settings.step_count, settings.distribution)
 
         if closure is None:
             mask_gradients()
@@ -737,9 +477,9 @@ class DropGrad(Optimizer):
             loss = self._run_wrapped_step(masked_closure)
         if snapshots:
             snapshots.mask_updates(
-                self.seed, self.step_count, self.distribution, scale, self._mask_impl
+                Batch(scale), settings.seed, settings.step_count, settings.distribution
             )
-        self._finish_step(skipped=False)
+        settings.finish_step(self.param_groups, skipped=False)
         return loss
 
     # ------------------------------------------------------- optimizer plumbing
@@ -764,7 +504,7 @@ class DropGrad(Optimizer):
             # Called by Optimizer.__init__ for its placeholder group.
             super().add_param_group(dict(param_group))
             return
-        _check_group_entries(param_group, "param_group")
+        check_group_entries(param_group, "param_group")
         self.optimizer.add_param_group(dict(param_group))
 
     def state_dict(self) -> dict[str, Any]:
@@ -780,7 +520,7 @@ class DropGrad(Optimizer):
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        state = _checkpoint.build_state_dict(self)
+        state = _checkpoint.build_state_dict(self._settings, self.optimizer)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             replaced = post_hook(self, state)
             if replaced is not None:
@@ -808,7 +548,7 @@ class DropGrad(Optimizer):
             replaced = pre_hook(self, loaded)
             if replaced is not None:
                 loaded = replaced
-        _checkpoint.load_state_dict(self, loaded)
+        self._settings = _checkpoint.load_state_dict(self._settings, self.optimizer, loaded)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -844,10 +584,12 @@ class DropGrad(Optimizer):
         super().__setstate__(state)
 
     def __repr__(self) -> str:
-        rate = self._default_rate
-        own = f", {len(self._param_rates)} per-parameter rate(s)" if self._param_rates else ""
+        settings = self._settings
+        rate = settings.default_rate
+        own_rates = settings.param_rates
+        own = f", {len(own_rates)} per-parameter rate(s)" if own_rates else ""
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (
-            f"DropGrad(drop_rate={rate!r}{own}, full_update_drop={self._full_update_drop!r}, "
+            f"DropGrad(drop_rate={rate!r}{own}, full_update_drop={settings.full_update_drop!r}, "
             f"distribution={self.distribution!r},\n  optimizer=\n{inner}\n)"
         )

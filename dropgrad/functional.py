@@ -29,40 +29,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._masking import (
-    CHUNK_LANES,
-    LANE_LEVELS,
-    MaskTarget,
-    bernoulli_keyed_,
-    gaussian_keyed_,
-    quantize_rate,
-)
-from ._random import GAUSSIAN_DOMAIN, MASK_DOMAIN, StreamKey, resolve_seed, stream_key
-from ._rates import check_probability
+from . import kernels
+from ._plan import sparse_value_index
+from ._random import domain_of, resolve_seed, stream_key_table
+from ._rates import DISTRIBUTIONS, check_distribution, check_probability
+from .kernels import LANE_LEVELS, LANE_OFFSET, noise_dtype, quantize_rate
 
 __all__ = ["DISTRIBUTIONS", "check_distribution", "drop_grad", "drop_grad_"]
 
-DISTRIBUTIONS = ("bernoulli", "gaussian")
 _COUNTER_LIMIT = 2**64
-_LANE_OFFSET = 1 << 15
 _LANES_PER_WORD = 4
-
-
-def check_distribution(distribution: object) -> str:
-    """Return ``distribution`` if it names a supported mask distribution.
-
-    Raises:
-        ValueError: it is not ``"bernoulli"`` or ``"gaussian"``.
-    """
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    return str(distribution)
-
-
-def mask_key(seed: int, distribution: str, step: int, index: int) -> StreamKey:
-    """The stream key of parameter ``index`` at DropGrad step ``step``."""
-    domain = GAUSSIAN_DOMAIN if distribution == "gaussian" else MASK_DOMAIN
-    return stream_key(seed, domain, step, index)
+# The in-place generator form draws its numbers in blocks of this many elements.
+_GENERATOR_BLOCK = 1 << 20
 
 
 def _check_tensor(tensor: Any, function: str) -> Tensor:
@@ -90,8 +68,9 @@ def _key_of(
     step: int,
     index: int,
     distribution: str,
-) -> StreamKey | None:
-    """The stream key for the keyed form; ``None`` for the generator form."""
+) -> Tensor | None:
+    """The stream key for the keyed form (a one-row key table); ``None`` for the
+    generator form."""
     step = _check_counter(step, "step")
     index = _check_counter(index, "index")
     if seed is None:
@@ -103,7 +82,7 @@ def _key_of(
         return None
     if generator is not None:
         raise ValueError("pass seed (a keyed mask) or generator, not both")
-    return mask_key(resolve_seed(seed), distribution, step, index)
+    return stream_key_table(resolve_seed(seed), domain_of(distribution), step, [index])
 
 
 def _generator_lanes(count: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
@@ -122,13 +101,12 @@ def _generator_noise(
     generator: torch.Generator | None,
 ) -> Tensor:
     """Multiplicative noise from N(1, rate / (1 - rate)), drawn from ``generator``."""
-    noise_dtype = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
-    noise = torch.empty(count, dtype=noise_dtype, device=device)
+    noise = torch.empty(count, dtype=noise_dtype(dtype), device=device)
     return noise.normal_(1.0, math.sqrt(rate / (1.0 - rate)), generator=generator)
 
 
 def _multiplier(
-    tensor: Tensor, rate: float, distribution: str, key: StreamKey | None, generator: Any
+    tensor: Tensor, rate: float, distribution: str, key: Tensor | None, generator: Any
 ) -> Tensor:
     """For Bernoulli, the boolean drop mask; for Gaussian, the noise (``tensor``'s shape)."""
     count, device = tensor.numel(), tensor.device
@@ -137,13 +115,11 @@ def _multiplier(
             return _generator_noise(count, rate, tensor.dtype, device, generator).view(tensor.shape)
         threshold, _ = quantize_rate(rate)
         lanes = _generator_lanes(count, device, generator)
-        return (lanes < threshold - _LANE_OFFSET).view(tensor.shape)
-    noise_dtype = torch.float64 if tensor.dtype in (torch.float64, torch.complex128) else None
-    ones = torch.ones(count, dtype=noise_dtype or torch.float32, device=device)
+        return (lanes < threshold - LANE_OFFSET).view(tensor.shape)
+    ones = torch.ones(count, dtype=noise_dtype(tensor.dtype), device=device)
+    kernels.mask_([ones], [0], key, rate, distribution)
     if distribution == "gaussian":
-        gaussian_keyed_([MaskTarget(ones, key)], rate)
         return ones.view(tensor.shape)
-    bernoulli_keyed_([MaskTarget(ones, key)], rate)
     return (ones == 0).view(tensor.shape)
 
 
@@ -234,40 +210,19 @@ def drop_grad(
     return tensor.masked_fill(multiplier, 0).mul(keep_scale)
 
 
-def _keyed_sparse_values(
-    coalesced: Tensor, rate: float, distribution: str, key: StreamKey
-) -> Tensor:
+def _keyed_sparse_values(coalesced: Tensor, rate: float, distribution: str, key: Tensor) -> Tensor:
     """Mask a coalesced sparse tensor's values by their elements' dense positions."""
     index = sparse_value_index(coalesced)
     values = coalesced.values()
     with torch.no_grad():
         multiplier = torch.ones(values.shape, dtype=torch.float64, device=values.device)
-        kernel = gaussian_keyed_ if distribution == "gaussian" else bernoulli_keyed_
-        kernel([MaskTarget(multiplier, key, index=index)], rate)
+        kernels.mask_([multiplier], [0], key, rate, distribution, indices=[index])
     if distribution == "gaussian":
         return (values * multiplier).to(values.dtype)
     if rate == 1.0:
         return values.masked_fill(torch.ones_like(values, dtype=torch.bool), 0)
     _, keep_scale = quantize_rate(rate)
     return values.masked_fill(multiplier == 0, 0).mul(keep_scale)
-
-
-def sparse_value_index(coalesced: Tensor) -> Tensor:
-    """Dense flat index of every element of a coalesced COO tensor's values (int64).
-
-    The values have shape ``(nnz, *dense_dims)``; element ``(n, j...)`` sits at
-    dense position ``(indices[:, n], j...)`` of the whole tensor.
-    """
-    indices = coalesced.indices()
-    shape = coalesced.shape
-    sparse_dims = indices.shape[0]
-    dense_shape = shape[sparse_dims:]
-    dense_size = math.prod(dense_shape)
-    flat = torch.zeros(indices.shape[1], dtype=torch.int64, device=indices.device)
-    for dim in range(sparse_dims):
-        flat = flat * shape[dim] + indices[dim]
-    inner = torch.arange(dense_size, dtype=torch.int64, device=indices.device)
-    return (flat.unsqueeze(1) * dense_size + inner).view(-1, *dense_shape)
 
 
 def drop_grad_(
@@ -301,8 +256,7 @@ def drop_grad_(
         )
     with torch.no_grad():
         if key is not None:
-            kernel = gaussian_keyed_ if distribution == "gaussian" else bernoulli_keyed_
-            kernel([MaskTarget(tensor, key)], rate)
+            kernels.mask_([tensor], [0], key, rate, distribution)
         else:
             _generator_mask_(tensor, rate, distribution, generator)
     return tensor
@@ -311,7 +265,7 @@ def drop_grad_(
 def _generator_mask_(
     tensor: Tensor, rate: float, distribution: str, generator: torch.Generator | None
 ) -> None:
-    """The generator form in place, in blocks of ``CHUNK_LANES`` elements drawn in order."""
+    """The generator form in place, in blocks of ``_GENERATOR_BLOCK`` elements drawn in order."""
     threshold, keep_scale = quantize_rate(rate)
     if threshold == 0 or (distribution == "gaussian" and rate == 0.0):
         return
@@ -320,8 +274,8 @@ def _generator_mask_(
         return
     dense = tensor if tensor.is_contiguous() else tensor.contiguous()
     flat = dense.view(-1)
-    for start in range(0, flat.numel(), CHUNK_LANES):
-        block = flat[start : start + CHUNK_LANES]
+    for start in range(0, flat.numel(), _GENERATOR_BLOCK):
+        block = flat[start : start + _GENERATOR_BLOCK]
         multiplier = _multiplier(block, rate, distribution, None, generator)
         if distribution == "gaussian":
             block.mul_(multiplier)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from dropgrad import kernels
+from dropgrad._random import StreamKey
+from dropgrad.kernels import _triton
 
 #: Every gradient dtype DropGrad supports.
 ALL_DTYPES = [
@@ -55,3 +61,50 @@ def peak_temporary_bytes(run: Callable[[], None]) -> int:
         held += event.cpu_memory_usage
         peak = max(peak, held)
     return peak
+
+
+def key_table(keys: Sequence[StreamKey]) -> torch.Tensor:
+    """The int64 ``(n, 2)`` key table the kernels take, from a list of stream keys."""
+    return torch.tensor([[key.a, key.b] for key in keys], dtype=torch.int64).reshape(-1, 2)
+
+
+@contextmanager
+def pinned_backend(name: str) -> Iterator[None]:
+    """Pin the mask backend (``DROPGRAD_BACKEND``) inside the block, then restore it."""
+    with _environment("DROPGRAD_BACKEND", name):
+        yield
+
+
+@contextmanager
+def _environment(variable: str, value: str) -> Iterator[None]:
+    before = os.environ.get(variable)
+    os.environ[variable] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = before
+
+
+def mask_with(
+    backend: str,
+    values: Sequence[torch.Tensor],
+    starts: Sequence[int],
+    keys: torch.Tensor,
+    rate: float,
+    distribution: str = "bernoulli",
+    scale: float = 1.0,
+    indices: Sequence[torch.Tensor | None] | None = None,
+) -> None:
+    """``kernels.mask_`` with ``backend`` pinned (``"auto"``: the usual choice)."""
+    with pinned_backend(backend):
+        kernels.mask_(values, starts, keys, rate, distribution, scale=scale, indices=indices)
+
+
+def triton_mask_one_(
+    tensor: torch.Tensor, start: int, key: StreamKey, threshold: int, factor: float
+) -> None:
+    """The Triton kernel on one contiguous tensor (a bucket of one), in place."""
+    _triton.bernoulli_([tensor], [start], key_table([key]), threshold, factor)

@@ -540,7 +540,7 @@ def test_state_creation_step_of_get_optimizer_state_dict_is_not_counted() -> Non
     get_optimizer_state_dict(model, opt)
     assert opt.optimizer.state, "the zero-gradient step ran and created Adam's state"
     assert (opt.step_count, opt.skipped_count) == (0, 0)
-    assert all(s.step_count == 0 for s in opt._schedulers())
+    assert all(s.step_count == 0 for s in opt._settings.schedulers(opt.param_groups))
     # The reference has the same Adam state, created behind DropGrad's back: both runs
     # must now take the same masks and skips at every step.
     reference_model, reference = build()

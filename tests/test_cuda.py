@@ -1,18 +1,22 @@
 """On a GPU, masks are bit-identical to the CPU's: the same keyed bits, the same rescaling.
 
 Skipped where CUDA is not available (CI has no GPU); run on a machine with one.
-Both CUDA paths are checked: the fused Triton kernel, and the torch-op fallback
-used when Triton is missing.
+Both CUDA backends are checked, pinned with ``DROPGRAD_BACKEND``: the fused
+Triton kernel, and the torch-op backend used when Triton is missing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
-from dropgrad import DropGrad, drop_grad
-from dropgrad._masking import MaskTarget, bernoulli_keyed_, gaussian_keyed_
-from dropgrad._random import MASK_DOMAIN, stream_key
+from dropgrad import DropGrad, drop_grad, kernels
+from dropgrad._random import MASK_DOMAIN, stream_key, stream_key_table
+from dropgrad.kernels import _triton
+
+from ._helpers import key_table, mask_with
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,23 +45,64 @@ def _with_specials(size: int, dtype: torch.dtype) -> torch.Tensor:
     return values
 
 
-@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch-ops"])
+def needs_backend(name: str) -> None:
+    if not kernels.backend_available(name):
+        pytest.skip(f"backend {name!r} is not available here: {kernels.status()[name]}")
+
+
+class CountingKernel:
+    """Stands in for the jitted Triton kernel and counts its launches."""
+
+    def __init__(self, kernel: object) -> None:
+        self.kernel = kernel
+        self.grids: list[tuple[int, ...]] = []
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., object]:
+        self.grids.append(grid)
+        return self.kernel[grid]  # type: ignore[index]
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> CountingKernel:
+    needs_backend("triton")
+    counting = CountingKernel(_triton._load_kernel())
+    monkeypatch.setitem(_triton._kernel_cache, "kernel", counting)
+    return counting
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"], ids=["triton", "torch-ops"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("start", STARTS)
 def test_bernoulli_cuda_matches_cpu(
-    monkeypatch: pytest.MonkeyPatch, use_triton: bool, dtype: torch.dtype, size: int, start: int
+    backend: str, dtype: torch.dtype, size: int, start: int
 ) -> None:
-    if not use_triton:
-        import dropgrad._triton_mask as triton_mask
-
-        monkeypatch.setattr(triton_mask, "triton_usable_all", lambda tensors: False)
-    key = stream_key(2026, MASK_DOMAIN, 5, 3)
+    # Pinned, the Triton backend still leaves what it cannot take (complex) to torch ops.
+    needs_backend(backend)
+    key = key_table([stream_key(2026, MASK_DOMAIN, 5, 3)])
     cpu = _with_specials(size, dtype)
     cuda = cpu.cuda()
-    bernoulli_keyed_([MaskTarget(cpu, key, start)], 0.3, 1.25)
-    bernoulli_keyed_([MaskTarget(cuda, key, start)], 0.3, 1.25)
+    mask_with("auto", [cpu], [start], key, 0.3, scale=1.25)
+    mask_with(backend, [cuda], [start], key, 0.3, scale=1.25)
     assert torch.equal(_bits(cuda), _bits(cpu))
+
+
+def test_cuda_buckets_go_to_the_triton_kernel_by_default(launches: CountingKernel) -> None:
+    """Unpinned, a CUDA bucket of real tensors is one launch; Gaussian noise and complex
+    tensors, which the kernel does not take, go to torch ops."""
+    keys = stream_key_table(2026, MASK_DOMAIN, 1, [0, 1])
+    tensors = [torch.randn(5000, device="cuda"), torch.randn(70, 30, device="cuda").t()]
+    expected = [t.cpu() for t in tensors]
+    mask_with("auto", tensors, [0, 9], keys, 0.3)
+    mask_with("reference", expected, [0, 9], keys, 0.3)
+    assert len(launches.grids) == 1
+    assert not tensors[1].is_contiguous()  # masked through a copy, written back
+    for got, want in zip(tensors, expected):
+        assert torch.equal(_bits(got), _bits(want))
+    mask_with("auto", [torch.ones(64, device="cuda")], [0], keys[:1], 0.3, "gaussian")
+    complex_values = torch.ones(64, dtype=torch.complex64, device="cuda")
+    mask_with("auto", [complex_values], [0], keys[:1], 0.3)
+    assert len(launches.grids) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -67,13 +112,11 @@ def test_one_launch_over_many_tensors_matches_cpu(dtype: torch.dtype) -> None:
     sizes = [0, 1, 3, 1023, 1024, 1025, 70_001, 5, 2**20 + 3]
     cpu = [_with_specials(n, dtype) for n in sizes]
     cuda = [t.cuda() for t in cpu]
+    starts = [3 * row for row in range(len(sizes))]
     for step in range(3):
+        keys = stream_key_table(2026, MASK_DOMAIN, step, list(range(len(sizes))))
         for tensors in (cpu, cuda):
-            targets = [
-                MaskTarget(t, stream_key(2026, MASK_DOMAIN, step, row), 3 * row)
-                for row, t in enumerate(tensors)
-            ]
-            bernoulli_keyed_(targets, 0.3, 1.25)
+            kernels.mask_(tensors, starts, keys, 0.3, "bernoulli", scale=1.25)
     for got, want in zip(cuda, cpu):
         assert torch.equal(_bits(got), _bits(want))
 
@@ -81,11 +124,11 @@ def test_one_launch_over_many_tensors_matches_cpu(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_gaussian_cuda_matches_cpu_to_rounding(dtype: torch.dtype) -> None:
     # Box-Muller's log and cos are not correctly rounded on either device.
-    key = stream_key(2026, MASK_DOMAIN, 5, 3)
+    key = key_table([stream_key(2026, MASK_DOMAIN, 5, 3)])
     cpu = torch.ones(100_003, dtype=dtype)
     cuda = cpu.cuda()
-    gaussian_keyed_([MaskTarget(cpu, key, 7)], 0.3)
-    gaussian_keyed_([MaskTarget(cuda, key, 7)], 0.3)
+    kernels.mask_([cpu], [7], key, 0.3, "gaussian")
+    kernels.mask_([cuda], [7], key, 0.3, "gaussian")
     # Relative to the noise (about 1): absolute differences of a few float ulps.
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=8 * torch.finfo(dtype).eps)
 

@@ -21,8 +21,9 @@ from dropgrad import (
     LinearDropRateScheduler,
     StepDropRateScheduler,
 )
-from dropgrad._masking import CHUNK_LANES, quantize_rate
-from dropgrad.dropgrad_opt import _uniform_dense
+from dropgrad._plan import plan_step, uniform_dense
+from dropgrad.kernels import quantize_rate
+from dropgrad.kernels._torch_ops import CHUNK_LANES
 
 from ._helpers import ALL_DTYPES
 
@@ -896,7 +897,7 @@ def test_lbfgs_with_rate_one_makes_no_progress() -> None:
     assert torch.equal(param.detach(), torch.zeros(4000))
 
 
-def _mixed_size_run(mask_impl: str, full_update_drop: float) -> list[torch.Tensor]:
+def _mixed_size_run(backend: str, full_update_drop: float) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     shapes = [(3,), (CHUNK_LANES + 13,), (7, 5), (1000, 3), (1,), (300_001,), (2, 2)]
     params = [nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
@@ -908,28 +909,31 @@ def _mixed_size_run(mask_impl: str, full_update_drop: float) -> list[torch.Tenso
         full_update_drop=full_update_drop,
         seed=9,
     )
-    opt._mask_impl = mask_impl
-    for _ in range(3):
-        for p in params:
-            p.grad = torch.randn(p.shape, dtype=p.dtype, generator=generator)
-        # A transposed view exercises the non-contiguous path.
-        params[3].grad = torch.randn(3, 1000, generator=generator).t()
-        opt.step()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DROPGRAD_BACKEND", backend)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, dtype=p.dtype, generator=generator)
+            # A transposed view exercises the non-contiguous path.
+            params[3].grad = torch.randn(3, 1000, generator=generator).t()
+            opt.step()
     return [p.detach().clone() for p in params]
 
 
 @pytest.mark.parametrize("full_update_drop", [0.0, 0.25])
 def test_fast_and_reference_masks_train_identically(full_update_drop: float) -> None:
     reference = _mixed_size_run("reference", full_update_drop)
-    fast = _mixed_size_run("fast", full_update_drop)
+    fast = _mixed_size_run("auto", full_update_drop)
     for a, b in zip(reference, fast):
         assert torch.equal(a, b)
 
 
 def _group_plan_run(
-    general: bool, distribution: str, full_update_drop: float
+    per_parameter: bool, distribution: str, full_update_drop: float
 ) -> list[torch.Tensor]:
-    """Train a model whose groups cover the cases the per-group plan sorts out."""
+    """Train a model whose groups cover the cases the planner sorts out, planned one run
+    per group or (with every parameter given its group's rate as its own) one per
+    parameter."""
     generator = torch.Generator().manual_seed(3)
     dense = [nn.Parameter(torch.randn(s, generator=generator)) for s in [(40, 30), (7,), (5, 5)]]
     doubles = nn.Parameter(torch.randn(6, 4, dtype=torch.float64, generator=generator))
@@ -951,15 +955,18 @@ def _group_plan_run(
         ],
         lr=0.1,
     )
+    own: dict[torch.Tensor, float] = {}
+    if per_parameter:
+        for group in base.param_groups:
+            own.update((param, group.get("drop_rate", 0.2)) for param in group["params"])
     opt = DropGrad(
         base,
         drop_rate=0.2,
+        params=own,
         distribution=distribution,
         full_update_drop=full_update_drop,
         seed=11,
     )
-    if general:
-        opt._element_groups = lambda: None  # type: ignore[method-assign]
     params = uniform + dense + [doubles, halves, frozen]
     for step in range(4):
         for p in params:
@@ -974,7 +981,9 @@ def _group_plan_run(
 
 @pytest.mark.parametrize("distribution", ["bernoulli", "gaussian"])
 @pytest.mark.parametrize("full_update_drop", [0.0, 0.25])
-def test_group_plan_matches_general_plan(distribution: str, full_update_drop: float) -> None:
+def test_per_group_and_per_parameter_runs_mask_alike(
+    distribution: str, full_update_drop: float
+) -> None:
     general = _group_plan_run(True, distribution, full_update_drop)
     grouped = _group_plan_run(False, distribution, full_update_drop)
     for a, b in zip(general, grouped):
@@ -983,23 +992,19 @@ def test_group_plan_matches_general_plan(distribution: str, full_update_drop: fl
 
 def test_uniform_dense_recognizes_only_present_dense_gradients_of_one_kind() -> None:
     a, b = torch.zeros(3), torch.ones(2, 2)
-    assert _uniform_dense([a, b]) == (torch.device("cpu"), torch.float32)
+    assert uniform_dense([a, b]) == (torch.device("cpu"), torch.float32)
     sparse = torch.zeros(4).to_sparse()
     for grads in ([], [a, None], [a, sparse], [a, b.double()], [a, nn.Parameter(b)]):
-        assert _uniform_dense(grads) is None
+        assert uniform_dense(grads) is None
 
 
-def test_group_plan_serves_the_common_case_without_a_per_parameter_plan() -> None:
+def test_the_common_case_is_one_run_per_group() -> None:
     params = [nn.Parameter(torch.zeros(50)) for _ in range(3)]
     opt = DropGrad(torch.optim.SGD(params, lr=1.0), drop_rate=0.5, seed=0)
-    groups = opt._element_groups()
-    assert groups is not None
-    assert [(g.first, g.rate) for g in groups] == [(0, 0.5)]
-
-    def refuse() -> None:
-        raise AssertionError("the per-parameter plan was built")
-
-    opt._plan = refuse  # type: ignore[assignment, method-assign]
+    runs = plan_step(opt._settings, opt.param_groups)
+    assert [(list(r.positions), r.rate, r.target, r.granularity) for r in runs] == [
+        ([0, 1, 2], 0.5, "gradient", "element")
+    ]
     for p in params:
         p.grad = torch.ones(50)
     opt.step()
@@ -1007,10 +1012,9 @@ def test_group_plan_serves_the_common_case_without_a_per_parameter_plan() -> Non
 
 
 @pytest.mark.parametrize(
-    "change",
-    ["per-parameter rate", "update target", "row granularity", "listed twice", "reference"],
+    "change", ["per-parameter rate", "update target", "row granularity", "listed twice"]
 )
-def test_group_plan_steps_aside_when_parameters_differ(change: str) -> None:
+def test_the_plan_follows_what_parameters_share(change: str) -> None:
     params = [nn.Parameter(torch.zeros(6, 5)) for _ in range(2)]
     group: dict[str, Any] = {"params": list(params)}
     if change == "update target":
@@ -1024,9 +1028,18 @@ def test_group_plan_steps_aside_when_parameters_differ(change: str) -> None:
         base = torch.optim.SGD([group], lr=1.0)
     own = {params[1]: 0.9} if change == "per-parameter rate" else None
     opt = DropGrad(base, drop_rate=0.5, params=own, seed=0)
-    if change == "reference":
-        opt._mask_impl = "reference"
-    assert opt._element_groups() is None
+    runs = [
+        (list(r.positions), r.rate, r.target, r.granularity)
+        for r in plan_step(opt._settings, opt.param_groups)
+    ]
+    target = "update" if change == "update target" else "gradient"
+    granularity = "row" if change == "row granularity" else "element"
+    if change == "per-parameter rate":
+        assert runs == [([0], 0.5, target, granularity), ([1], 0.9, target, granularity)]
+    elif change == "listed twice":  # masked once, at its first position
+        assert runs == [([0], 0.5, target, granularity), ([1], 0.5, target, granularity)]
+    else:
+        assert runs == [([0, 1], 0.5, target, granularity)]
 
 
 # ------------------------------------------------------------ 6. schedulers
@@ -1363,15 +1376,17 @@ def test_sparse_gradient_at_rate_zero_is_untouched() -> None:
         assert torch.equal(bare.weight, wrapped.weight)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "reference"])
-def test_parameter_listed_twice_is_masked_once(impl: str) -> None:
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_parameter_listed_twice_is_masked_once(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DROPGRAD_BACKEND", backend)
     numel = 20_000
     param = nn.Parameter(torch.zeros(numel))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns about the duplicate
         base = torch.optim.SGD([param, param], lr=1.0)
     opt = DropGrad(base, drop_rate=0.5, seed=0)
-    opt._mask_impl = impl
     param.grad = torch.ones(numel)
     opt.step()
     _, keep_scale = quantize_rate(0.5)

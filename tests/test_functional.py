@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dropgrad import drop_grad, drop_grad_
-from dropgrad._masking import LANE_LEVELS, quantize_rate
 from dropgrad.functional import DISTRIBUTIONS, check_distribution
+from dropgrad.kernels import LANE_LEVELS, quantize_rate
 
 from ._helpers import random_tensor, seeded_generator
 

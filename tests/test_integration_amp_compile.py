@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dropgrad import DropGrad, LinearDropRateScheduler
-from dropgrad._masking import quantize_rate
+from dropgrad.kernels import quantize_rate
 
 DROP_RATE = 0.3
 # A power of two: scaling the loss and unscaling the gradients are then exact,

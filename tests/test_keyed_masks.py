@@ -15,28 +15,60 @@ import pytest
 import torch
 from torch import nn
 
-from dropgrad import DropGrad, drop_grad, drop_grad_
-from dropgrad._masking import (
-    LANE_LEVELS,
-    MaskTarget,
-    bernoulli_keyed_,
-    gaussian_keyed_,
-    lanes_reference,
-    quantize_rate,
-)
+from dropgrad import DropGrad, drop_grad, drop_grad_, kernels
 from dropgrad._random import (
     MASK_DOMAIN,
+    StreamKey,
     hash_words_,
-    lowbias32,
     skip_decision,
     splitmix64,
     stream_key,
-    stream_keys,
+    stream_key_table,
     words_reference,
 )
+from dropgrad.kernels import _torch_ops
+from dropgrad.kernels._reference import (
+    LANE_LEVELS,
+    gaussian_sigma,
+    lanes_reference,
+    quantize_rate,
+)
+
+from ._helpers import key_table
 
 M32 = (1 << 32) - 1
 M64 = (1 << 64) - 1
+DISTRIBUTIONS = ["bernoulli", "gaussian"]
+
+
+def keyed_mask_(
+    distribution: str,
+    values: torch.Tensor,
+    key: StreamKey,
+    rate: float,
+    start: int = 0,
+    index: torch.Tensor | None = None,
+) -> None:
+    """Mask one tensor with ``key`` as a step would (``kernels.mask_``, backend chosen as usual)."""
+    indices = None if index is None else [index]
+    kernels.mask_([values], [start], key_table([key]), rate, distribution, indices=indices)
+
+
+def torch_op_mask_(
+    distribution: str,
+    values: torch.Tensor,
+    key: StreamKey,
+    rate: float,
+    start: int,
+    chunk_lanes: int,
+) -> None:
+    """The torch-op backend itself, with blocks of at most ``chunk_lanes`` elements."""
+    keys = key_table([key])
+    if distribution == "bernoulli":
+        threshold, keep_scale = quantize_rate(rate)
+        _torch_ops.bernoulli_([values], [start], keys, threshold, keep_scale, chunk_lanes)
+    else:
+        _torch_ops.gaussian_([values], [start], keys, gaussian_sigma(rate), 1.0, chunk_lanes)
 
 
 def tolerance(probability: float, count: int) -> float:
@@ -61,7 +93,9 @@ def test_scalar_hashes_match_their_written_out_definitions() -> None:
         return x ^ (x >> 16)
 
     for value in (0, 1, 2**31, 2**32 - 1, 0xDEADBEEF, 123456789):
-        assert lowbias32(value) == lowbias_by_hand(value)
+        # Word w of the stream with key (a=1, b=0) is the hash of w itself.
+        word = words_reference(StreamKey(1, 0), torch.tensor([value], dtype=torch.int64))
+        assert int(word) == lowbias_by_hand(value)
     for value in (0, 1, 2**63, M64, 0x0123456789ABCDEF):
         assert splitmix64(value) == splitmix_by_hand(value)
     # SplitMix64's first output for seed 0 is a published constant.
@@ -80,11 +114,12 @@ def test_hash_words_on_int32_equals_the_int64_reference() -> None:
 
 def test_vectorized_keys_equal_scalar_keys() -> None:
     indices = [0, 1, 5, 17, 1000, 2**40, 2**64 - 1]
-    for count in (3, len(indices)):
-        chosen = indices[:count] * 4  # past the scalar cut-off too
-        assert stream_keys(5, MASK_DOMAIN, 2**63 + 3, chosen) == [
-            stream_key(5, MASK_DOMAIN, 2**63 + 3, i) for i in chosen
-        ]
+    for count in (1, 3, len(indices)):
+        chosen = indices[:count] * 4
+        table = stream_key_table(5, MASK_DOMAIN, 2**63 + 3, chosen)
+        assert table.dtype == torch.int64 and table.shape == (len(chosen), 2)
+        assert table.tolist() == [list(stream_key(5, MASK_DOMAIN, 2**63 + 3, i)) for i in chosen]
+    assert stream_key_table(5, MASK_DOMAIN, 0, []).shape == (0, 2)
 
 
 def test_keys_of_different_steps_indices_and_domains_differ() -> None:
@@ -101,43 +136,49 @@ def test_keys_of_different_steps_indices_and_domains_differ() -> None:
 # ---------------------------------------------------------------- invariance
 
 
-@pytest.mark.parametrize("kernel", [bernoulli_keyed_, gaussian_keyed_])
-def test_result_does_not_depend_on_block_size(kernel) -> None:
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_result_does_not_depend_on_block_size(distribution: str) -> None:
     key = stream_key(3, MASK_DOMAIN, 1, 2)
     base = torch.randn(20_011, dtype=torch.float64)
     results = []
     for chunk_lanes in (2, 6, 64, 4096, 1 << 20):
         values = base.clone()
-        kernel([MaskTarget(values, key, 5)], 0.3, chunk_lanes=chunk_lanes)
+        torch_op_mask_(distribution, values, key, 0.3, 5, chunk_lanes)
         results.append(values)
     assert all(torch.equal(result, results[0]) for result in results)
+    # What a step computes (the native kernel, where it takes the tensor) is the same.
+    values = base.clone()
+    keyed_mask_(distribution, values, key, 0.3, 5)
+    assert torch.equal(values, results[0])
 
 
-@pytest.mark.parametrize("kernel", [bernoulli_keyed_, gaussian_keyed_])
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("cuts", [(1,), (7, 8), (3, 1000, 1001, 5000)])
-def test_shards_get_their_slice_of_the_whole_mask(kernel, cuts: tuple[int, ...]) -> None:
+def test_shards_get_their_slice_of_the_whole_mask(distribution: str, cuts: tuple[int, ...]) -> None:
     key = stream_key(3, MASK_DOMAIN, 1, 2)
     whole = torch.randn(6001, dtype=torch.float64)
     expected = whole.clone()
-    kernel([MaskTarget(expected, key)], 0.4)
+    keyed_mask_(distribution, expected, key, 0.4)
     edges = [0, *cuts, whole.numel()]
     shards = [whole[a:b].clone() for a, b in zip(edges, edges[1:])]
-    kernel([MaskTarget(s, key, a) for s, a in zip(shards, edges)], 0.4)
+    # One bucket of every shard, each with the parameter's key and its own start.
+    keys = key_table([key] * len(shards))
+    kernels.mask_(shards, edges[:-1], keys, 0.4, distribution)
     assert torch.equal(torch.cat(shards), expected)
 
 
 @pytest.mark.parametrize(
-    ("kernel", "period"), [(bernoulli_keyed_, 1 << 33), (gaussian_keyed_, 1 << 31)]
+    ("distribution", "period"), [("bernoulli", 1 << 33), ("gaussian", 1 << 31)]
 )
-def test_mask_repeats_with_the_documented_period(kernel, period: int) -> None:
+def test_mask_repeats_with_the_documented_period(distribution: str, period: int) -> None:
     # Word indices wrap at 2**32: a word covers two Bernoulli elements, a Gaussian
     # element takes two words.
     key = stream_key(3, MASK_DOMAIN, 1, 2)
     base = torch.randn(1001, dtype=torch.float64)
     near, far, half = base.clone(), base.clone(), base.clone()
-    kernel([MaskTarget(near, key, 5)], 0.5)
-    kernel([MaskTarget(far, key, 5 + period)], 0.5)
-    kernel([MaskTarget(half, key, 5 + period // 2)], 0.5)
+    keyed_mask_(distribution, near, key, 0.5, 5)
+    keyed_mask_(distribution, far, key, 0.5, 5 + period)
+    keyed_mask_(distribution, half, key, 0.5, 5 + period // 2)
     assert torch.equal(near, far)
     assert not torch.equal(near, half)
 
@@ -146,10 +187,10 @@ def test_index_target_gets_the_decisions_of_its_positions() -> None:
     key = stream_key(3, MASK_DOMAIN, 1, 2)
     whole = torch.randn(3000, dtype=torch.float64)
     expected = whole.clone()
-    bernoulli_keyed_([MaskTarget(expected, key)], 0.5)
+    keyed_mask_("bernoulli", expected, key, 0.5)
     order = torch.randperm(3000, generator=torch.Generator().manual_seed(0))
     shuffled = whole[order].clone()
-    bernoulli_keyed_([MaskTarget(shuffled, key, index=order)], 0.5)
+    keyed_mask_("bernoulli", shuffled, key, 0.5, index=order)
     assert torch.equal(shuffled, expected[order])
 
 
@@ -211,7 +252,7 @@ def test_default_seed_and_rate_zero_leave_dropout_training_bit_identical() -> No
 def test_realized_drop_fraction(rate: float) -> None:
     count = 1 << 20
     ones = torch.ones(count)
-    bernoulli_keyed_([MaskTarget(ones, stream_key(11, MASK_DOMAIN, 0, 0))], rate)
+    keyed_mask_("bernoulli", ones, stream_key(11, MASK_DOMAIN, 0, 0), rate)
     realized = quantize_rate(rate)[0] / LANE_LEVELS
     fraction = (ones == 0).double().mean().item()
     assert abs(fraction - realized) <= tolerance(realized, count)
@@ -219,7 +260,7 @@ def test_realized_drop_fraction(rate: float) -> None:
 
 def _dropped(step: int, index: int, count: int, rate: float = 0.3) -> torch.Tensor:
     ones = torch.ones(count)
-    bernoulli_keyed_([MaskTarget(ones, stream_key(12, MASK_DOMAIN, step, index))], rate)
+    keyed_mask_("bernoulli", ones, stream_key(12, MASK_DOMAIN, step, index), rate)
     return ones == 0
 
 
@@ -262,7 +303,7 @@ def test_gaussian_noise_has_mean_one_and_the_bernoulli_variance() -> None:
     count = 1 << 20
     rate = 0.3
     noise = torch.ones(count, dtype=torch.float64)
-    gaussian_keyed_([MaskTarget(noise, stream_key(14, MASK_DOMAIN, 0, 0))], rate)
+    keyed_mask_("gaussian", noise, stream_key(14, MASK_DOMAIN, 0, 0), rate)
     variance = rate / (1 - rate)
     assert abs(noise.mean().item() - 1) <= 5 * math.sqrt(variance / count)
     assert abs(noise.var().item() - variance) <= 5 * variance * math.sqrt(2 / (count - 1))

@@ -1,43 +1,43 @@
 """Mask kernels: rate quantization, fast/reference agreement, statistics, memory.
 
-These tests pin down the torch-op path (blocks, packing plans, chunk sizes), so
-the native CPU kernel is switched off here; ``test_native.py`` holds it to the
-same reference.
+These tests pin down the torch-op backend (blocks, packing plans, chunk sizes),
+so every mask here is computed with ``DROPGRAD_BACKEND=torch`` (the reference
+backend where a test names it); ``test_native.py`` holds the native kernel to
+the same reference.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from types import ModuleType
 
 import pytest
 import torch
 
-import dropgrad._masking as masking
-from dropgrad import _native
-from dropgrad._masking import (
-    CHUNK_LANES,
+from dropgrad._random import GAUSSIAN_DOMAIN, MASK_DOMAIN, domain_of, stream_key, stream_key_table
+from dropgrad.kernels import _dispatch, _reference
+from dropgrad.kernels import _torch_ops as torch_ops
+from dropgrad.kernels._reference import (
     LANE_LEVELS,
-    MaskTarget,
-    bernoulli_keyed_,
-    bernoulli_reference_,
-    gaussian_keyed_,
-    gaussian_reference_,
+    gaussian_sigma,
     lanes_reference,
     quantize_rate,
 )
-from dropgrad._random import GAUSSIAN_DOMAIN, MASK_DOMAIN, stream_key
+from dropgrad.kernels._torch_ops import CHUNK_LANES
 
-from ._helpers import ALL_DTYPES, peak_temporary_bytes, random_tensor
+from ._helpers import ALL_DTYPES, key_table, mask_with, peak_temporary_bytes, random_tensor
 
 SEED = 20260
 DTYPES = ALL_DTYPES
 
 
 @pytest.fixture(autouse=True)
-def torch_op_path() -> Iterator[None]:
-    with _native.disabled():
-        yield
+def torch_op_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DROPGRAD_BACKEND", "torch")
 
 
 def generator(seed: int = SEED) -> int:
@@ -45,23 +45,58 @@ def generator(seed: int = SEED) -> int:
     return seed
 
 
-def targets(tensors: list[torch.Tensor], seed: int, starts: list[int] | None = None) -> list:
-    starts = starts or [0] * len(tensors)
-    return [
-        MaskTarget(tensor, stream_key(seed, MASK_DOMAIN, 3, index), start)
-        for index, (tensor, start) in enumerate(zip(tensors, starts))
-    ]
+def keys_for(count: int, seed: int, domain: int = MASK_DOMAIN, step: int = 3) -> torch.Tensor:
+    """Key table of tensors ``0 .. count - 1`` (parameter ``i`` is tensor ``i``)."""
+    return stream_key_table(seed, domain, step, list(range(count)))
 
 
-def keyed(kernel: Callable[..., None], chunk_lanes: int | None = None) -> Callable[..., None]:
-    """``kernel`` with the signature (tensors, rate, seed, scale=1.0, chunk_lanes=...)."""
+@contextmanager
+def torch_op_chunks(chunk_lanes: int) -> Iterator[None]:
+    """The torch-op backend, as the dispatcher calls it, with blocks of ``chunk_lanes``."""
+    entry = _dispatch.BACKENDS["torch"]
+    chunked = entry._replace(
+        bernoulli=functools.partial(torch_ops.bernoulli_, chunk_lanes=chunk_lanes),
+        gaussian=functools.partial(torch_ops.gaussian_, chunk_lanes=chunk_lanes),
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(_dispatch.BACKENDS, "torch", chunked)
+        yield
 
-    def run(
-        tensors: list[torch.Tensor], rate: float, seed: int, scale: float = 1.0, **kwargs: int
-    ) -> None:
-        if chunk_lanes is not None:
-            kwargs["chunk_lanes"] = chunk_lanes
-        kernel(targets(tensors, seed), rate, scale, **kwargs)
+
+def mask_(
+    tensors: Sequence[torch.Tensor],
+    rate: float,
+    seed: int,
+    scale: float = 1.0,
+    *,
+    backend: str = "torch",
+    distribution: str = "bernoulli",
+    starts: Sequence[int] | None = None,
+    chunk_lanes: int | None = None,
+) -> None:
+    """Mask ``tensors`` through ``kernels.mask_`` (rate quantization and the trivial
+    rates included) with ``backend`` pinned and tensor ``i`` keyed as parameter ``i``."""
+    keys = keys_for(len(tensors), seed, domain_of(distribution))
+    starts = list(starts) if starts is not None else [0] * len(tensors)
+    with torch_op_chunks(chunk_lanes) if chunk_lanes is not None else nullcontext():
+        mask_with(backend, tensors, starts, keys, rate, distribution, scale)
+
+
+def keyed(
+    backend: str, chunk_lanes: int | None = None, distribution: str = "bernoulli"
+) -> Callable[..., None]:
+    """A kernel with the signature (tensors, rate, seed, scale=1.0)."""
+
+    def run(tensors: list[torch.Tensor], rate: float, seed: int, scale: float = 1.0) -> None:
+        mask_(
+            tensors,
+            rate,
+            seed,
+            scale,
+            backend=backend,
+            distribution=distribution,
+            chunk_lanes=chunk_lanes,
+        )
 
     return run
 
@@ -69,14 +104,14 @@ def keyed(kernel: Callable[..., None], chunk_lanes: int | None = None) -> Callab
 # (tensors, rate, seed, scale=1.0) -> None, masking in place.
 Kernel = Callable[..., None]
 BERNOULLI_KERNELS = [
-    pytest.param(keyed(bernoulli_reference_), id="reference"),
-    pytest.param(keyed(bernoulli_keyed_), id="fast"),
-    pytest.param(keyed(bernoulli_keyed_, 64), id="fast-64"),
+    pytest.param(keyed("reference"), id="reference"),
+    pytest.param(keyed("torch"), id="fast"),
+    pytest.param(keyed("torch", 64), id="fast-64"),
 ]
 # Large-sample statistics skip the tiny-chunk variant, which would only cost
 # time: the bit-identity tests below tie it to the reference path.
 STAT_KERNELS = BERNOULLI_KERNELS[:2]
-gaussian_ = keyed(gaussian_keyed_)
+gaussian_ = keyed("torch", distribution="gaussian")
 ALL_KERNELS = [*BERNOULLI_KERNELS, pytest.param(gaussian_, id="gaussian")]
 
 
@@ -171,7 +206,7 @@ def test_quantize_rate_is_monotone() -> None:
 
 
 # ---------------------------------------------------------------------------
-# bernoulli_keyed_ (fast) against bernoulli_reference_
+# The torch-op backend (fast) against the reference backend
 
 TensorFactory = Callable[[torch.dtype], list[torch.Tensor]]
 
@@ -230,8 +265,8 @@ def mask_both_ways(
     reference = make(dtype)
     fast = make(dtype)
     starts = [7 * i for i in range(len(originals))]
-    bernoulli_reference_(targets(reference, SEED, starts), rate, scale)
-    bernoulli_keyed_(targets(fast, SEED, starts), rate, scale, chunk_lanes=chunk_lanes)
+    mask_(reference, rate, SEED, scale, backend="reference", starts=starts)
+    mask_(fast, rate, SEED, scale, starts=starts, chunk_lanes=chunk_lanes)
     return originals, reference, fast
 
 
@@ -278,7 +313,7 @@ def test_fast_matches_reference_across_default_sized_chunks() -> None:
 
 
 def test_fast_leaves_the_rest_of_a_sliced_base_alone() -> None:
-    for kernel in (keyed(bernoulli_reference_), keyed(bernoulli_keyed_)):
+    for kernel in (keyed("reference"), keyed("torch")):
         base = random_tensor(20, 12)
         original = base.clone()
         view = base[3:17, ::3]
@@ -295,7 +330,7 @@ def test_lanes_reference_agrees_with_the_kernels() -> None:
     lanes = lanes_reference(key, torch.arange(33 * 17, dtype=torch.int64))
     assert int(lanes.min()) >= 0 and int(lanes.max()) < LANE_LEVELS
     ones = torch.ones(33, 17)
-    bernoulli_keyed_([MaskTarget(ones, key)], 0.4, chunk_lanes=64)
+    torch_ops.bernoulli_([ones], [0], key_table([key]), threshold, 1.0, chunk_lanes=64)
     assert torch.equal((lanes < threshold).view(33, 17), ones == 0)
 
 
@@ -394,8 +429,8 @@ def test_rate_rounding_to_zero_draws_nothing_and_changes_nothing(
     def refuse(*args: object) -> None:
         raise AssertionError("no random bits may be computed")
 
-    monkeypatch.setattr(masking, "hash_words_", refuse)
-    monkeypatch.setattr(masking, "words_reference", refuse)
+    monkeypatch.setattr(torch_ops, "hash_words_", refuse)
+    monkeypatch.setattr(_reference, "words_reference", refuse)
     tensors = non_contiguous_tensors(torch.float32)
     originals = [t.clone() for t in tensors]
     kernel(tensors, rate, generator())
@@ -427,7 +462,7 @@ def test_gaussian_multiplier_has_mean_one_and_bernoulli_variance(
     dtype: torch.dtype, rate: float, chunk_lanes: int
 ) -> None:
     multiplier = torch.ones(STAT_COUNT, dtype=dtype)
-    gaussian_keyed_(targets([multiplier], SEED), rate, chunk_lanes=chunk_lanes)
+    mask_([multiplier], rate, SEED, distribution="gaussian", chunk_lanes=chunk_lanes)
     samples = multiplier.double()
     variance = rate / (1 - rate)
     # Mean of n normal draws: standard error sqrt(var / n). Sample variance of
@@ -451,8 +486,8 @@ def test_gaussian_scales_complex_elements_by_one_real_factor() -> None:
 def test_gaussian_scale_multiplies_the_noise() -> None:
     plain = [random_tensor(3000), random_tensor(5, 7, seed=1).t()]
     scaled = [t.clone() for t in plain]
-    gaussian_keyed_(targets(plain, SEED), 0.2, chunk_lanes=64)
-    gaussian_keyed_(targets(scaled, SEED), 0.2, scale=0.5, chunk_lanes=64)
+    mask_(plain, 0.2, SEED, distribution="gaussian", chunk_lanes=64)
+    mask_(scaled, 0.2, SEED, 0.5, distribution="gaussian", chunk_lanes=64)
     for unscaled, result in zip(plain, scaled):
         torch.testing.assert_close(result, unscaled * 0.5, rtol=1e-6, atol=0)
 
@@ -484,28 +519,29 @@ def test_fast_kernels_hold_chunk_sized_temporaries() -> None:
 
     # The measurement sees whole-tensor temporaries: the reference path holds
     # int64 indices and words for every element (tens of MiB here).
-    reference_peak = peak_temporary_bytes(lambda: bernoulli_reference_(targets([big], SEED), 0.3))
+    reference_peak = peak_temporary_bytes(
+        lambda: backend_run(_reference, "bernoulli", [big], [0], keys_for(1, SEED), 0.3)
+    )
     assert reference_peak >= 8 * big.numel()
 
+    def fast(distribution: str, tensors: list[torch.Tensor]) -> Callable[[], None]:
+        keys = keys_for(len(tensors), SEED, domain_of(distribution))
+        starts = [0] * len(tensors)
+        return lambda: backend_run(
+            torch_ops, distribution, tensors, starts, keys, 0.3, chunk_lanes=MEMORY_CHUNK
+        )
+
     runs = {
-        "bernoulli-big": lambda: bernoulli_keyed_(
-            targets([big], SEED), 0.3, chunk_lanes=MEMORY_CHUNK
-        ),
-        "bernoulli-packed": lambda: bernoulli_keyed_(
-            targets(smalls, SEED), 0.3, chunk_lanes=MEMORY_CHUNK
-        ),
-        "gaussian-big": lambda: gaussian_keyed_(
-            targets([big], SEED), 0.3, chunk_lanes=MEMORY_CHUNK
-        ),
-        "gaussian-packed": lambda: gaussian_keyed_(
-            targets(smalls, SEED), 0.3, chunk_lanes=MEMORY_CHUNK
-        ),
+        "bernoulli-big": fast("bernoulli", [big]),
+        "bernoulli-packed": fast("bernoulli", smalls),
+        "gaussian-big": fast("gaussian", [big]),
+        "gaussian-packed": fast("gaussian", smalls),
     }
     # Packing plans kept between steps are bounded separately (see
     # test_packing_plans_are_kept_between_steps_within_their_memory_bound); here
     # every call builds its blocks, one at a time.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(masking, "_PACK_PLAN_BYTES", 0)
+        patch.setattr(torch_ops, "_PACK_PLAN_BYTES", 0)
         peaks = {name: peak_temporary_bytes(run) for name, run in runs.items()}
     assert all(0 < peak <= MEMORY_BOUND for peak in peaks.values()), peaks
 
@@ -520,21 +556,44 @@ def test_blocks_with_few_or_many_runs_match_the_reference(count: int, largest: i
     fast = [t.clone() for t in tensors]
     reference = [t.clone() for t in tensors]
 
-    def targets(values: list[torch.Tensor]) -> list[MaskTarget]:
-        return [
-            MaskTarget(v, stream_key(11, MASK_DOMAIN, 4, i), 3 * i + 1)
-            for i, v in enumerate(values)
-        ]
-
-    bernoulli_keyed_(targets(fast), 0.3)
-    bernoulli_reference_(targets(reference), 0.3)
+    starts = [3 * i + 1 for i in range(count)]
+    keys = stream_key_table(11, MASK_DOMAIN, 4, list(range(count)))
+    backend_run(torch_ops, "bernoulli", fast, starts, keys, 0.3)
+    backend_run(_reference, "bernoulli", reference, starts, keys, 0.3)
     for got, want in zip(fast, reference):
         assert torch.equal(got, want)
 
 
+def backend_run(
+    backend: ModuleType,
+    distribution: str,
+    values: Sequence[torch.Tensor],
+    starts: Sequence[int],
+    keys: torch.Tensor,
+    rate: float,
+    **options: int,
+) -> None:
+    """A backend module's own ``bernoulli_`` or ``gaussian_`` at ``0 < rate < 1``, unscaled."""
+    if distribution == "bernoulli":
+        threshold, keep_scale = quantize_rate(rate)
+        backend.bernoulli_(values, starts, keys, threshold, keep_scale, **options)
+    else:
+        backend.gaussian_(values, starts, keys, gaussian_sigma(rate), 1.0, **options)
+
+
+def fast_kernel_of(distribution: str) -> Callable[..., None]:
+    """``(values, starts, keys, rate, chunk_lanes=...)`` on the torch-op backend."""
+    return functools.partial(backend_run, torch_ops, distribution)
+
+
+def reference_kernel_of(distribution: str) -> Callable[..., None]:
+    """``(values, starts, keys, rate)`` on the reference backend."""
+    return functools.partial(backend_run, _reference, distribution)
+
+
 KERNEL_PAIRS = {
-    "bernoulli": (bernoulli_keyed_, bernoulli_reference_, MASK_DOMAIN),
-    "gaussian": (gaussian_keyed_, gaussian_reference_, GAUSSIAN_DOMAIN),
+    "bernoulli": (fast_kernel_of("bernoulli"), reference_kernel_of("bernoulli"), MASK_DOMAIN),
+    "gaussian": (fast_kernel_of("gaussian"), reference_kernel_of("gaussian"), GAUSSIAN_DOMAIN),
 }
 
 
@@ -563,34 +622,69 @@ def test_packing_plans_are_kept_between_steps_within_their_memory_bound(
             pairs.append(values)
         fast, reference = pairs
 
-        def targets(values: list[torch.Tensor]) -> list[MaskTarget]:
-            return [
-                MaskTarget(v, stream_key(3, domain, step, i), 7 * i) for i, v in enumerate(values)
-            ]
-
-        fast_kernel(targets(fast), 0.4, chunk_lanes=1 << 14)
-        reference_kernel(targets(reference), 0.4)
+        starts = [7 * i for i in range(len(fast))]
+        keys = stream_key_table(3, domain, step, list(range(len(fast))))
+        fast_kernel(fast, starts, keys, 0.4, chunk_lanes=1 << 14)
+        reference_kernel(reference, starts, keys, 0.4)
         assert not fast[-1].is_contiguous()
         return fast, reference
 
-    monkeypatch.setattr(masking, "_PACK_PLANS", {})
-    monkeypatch.setattr(masking, "_pack_plan_bytes", 0)
+    monkeypatch.setattr(torch_ops, "_PACK_PLANS", OrderedDict())
+    monkeypatch.setattr(torch_ops, "_pack_plan_bytes", 0)
     for step in range(3):
         fast, reference = masked_pair(step)
         for got, want in zip(fast, reference):
             assert_bit_identical(got, want)
-        assert len(masking._PACK_PLANS) == 1  # built at step 0, reused since
-    plan = next(iter(masking._PACK_PLANS.values()))
+        assert len(torch_ops._PACK_PLANS) == 1  # built at step 0, reused since
+    plan, nbytes = next(iter(torch_ops._PACK_PLANS.values()))
     assert plan.blocks is not None and len(plan.blocks) > 1
-    assert 0 < masking._pack_plan_bytes <= masking._PACK_PLAN_BYTES
+    assert 0 < torch_ops._pack_plan_bytes == nbytes <= torch_ops._PACK_PLAN_BYTES
 
-    monkeypatch.setattr(masking, "_PACK_PLANS", {})
-    monkeypatch.setattr(masking, "_pack_plan_bytes", 0)
-    monkeypatch.setattr(masking, "_PACK_PLAN_BYTES", 0)
+    monkeypatch.setattr(torch_ops, "_PACK_PLANS", OrderedDict())
+    monkeypatch.setattr(torch_ops, "_pack_plan_bytes", 0)
+    monkeypatch.setattr(torch_ops, "_PACK_PLAN_BYTES", 0)
     fast, reference = masked_pair(4)
     for got, want in zip(fast, reference):
         assert_bit_identical(got, want)
-    assert masking._PACK_PLANS == {}
+    assert torch_ops._PACK_PLANS == {}
+
+
+def test_packing_plans_used_longest_ago_make_room_for_new_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kept plans are a least-recently-used cache bounded in bytes: a plan found
+    again moves to the back, and a new plan that does not fit evicts from the front."""
+    tensors = [torch.randn(100) for _ in range(20)]
+    keys = stream_key_table(9, MASK_DOMAIN, 0, list(range(len(tensors))))
+
+    def mask_at(offset: int) -> None:
+        starts = [offset + 100 * i for i in range(len(tensors))]  # a plan per offset
+        reference = [t.clone() for t in tensors]
+        fast = [t.clone() for t in tensors]
+        backend_run(_reference, "bernoulli", reference, starts, keys, 0.3)
+        backend_run(torch_ops, "bernoulli", fast, starts, keys, 0.3)
+        for got, want in zip(fast, reference):
+            assert_bit_identical(got, want)
+
+    def kept_offsets() -> list[int]:
+        # A plan's signature holds the starts of its tensors (at position 4).
+        return [signature[4][0] for signature in torch_ops._PACK_PLANS]  # type: ignore[index]
+
+    monkeypatch.setattr(torch_ops, "_PACK_PLANS", OrderedDict())
+    monkeypatch.setattr(torch_ops, "_pack_plan_bytes", 0)
+    mask_at(0)
+    ((_, nbytes),) = torch_ops._PACK_PLANS.values()
+    monkeypatch.setattr(torch_ops, "_PACK_PLAN_BYTES", 2 * nbytes)  # room for two plans
+    mask_at(2)
+    assert kept_offsets() == [0, 2]
+    mask_at(0)  # found again: now the most recently used
+    assert kept_offsets() == [2, 0]
+    mask_at(4)  # evicts the plan used longest ago
+    assert kept_offsets() == [0, 4]
+    assert torch_ops._pack_plan_bytes == 2 * nbytes
+    monkeypatch.setattr(torch_ops, "_PACK_PLAN_BYTES", nbytes - 1)
+    mask_at(6)  # larger than the whole bound: built for the call, nothing evicted
+    assert kept_offsets() == [0, 4]
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNEL_PAIRS))
@@ -614,19 +708,14 @@ def test_blocks_of_one_shape_are_filled_by_one_stack(
     reference = [t.clone() for t in tensors]
     assert not fast[-1].is_contiguous()
 
-    def targets(values: list[torch.Tensor]) -> list[MaskTarget]:
-        return [
-            MaskTarget(v, stream_key(5, domain, 2, i), start)
-            for i, (v, start) in enumerate(zip(values, starts))
-        ]
-
-    monkeypatch.setattr(masking, "_PACK_PLANS", {})
-    monkeypatch.setattr(masking, "_pack_plan_bytes", 0)
-    fast_kernel(targets(fast), 0.4)
-    reference_kernel(targets(reference), 0.4)
+    keys = stream_key_table(5, domain, 2, list(range(len(tensors))))
+    monkeypatch.setattr(torch_ops, "_PACK_PLANS", OrderedDict())
+    monkeypatch.setattr(torch_ops, "_pack_plan_bytes", 0)
+    fast_kernel(fast, starts, keys, 0.4)
+    reference_kernel(reference, starts, keys, 0.4)
     for got, want in zip(fast, reference):
         assert_bit_identical(got, want)
-    (plan,) = masking._PACK_PLANS.values()
+    ((plan, _),) = torch_ops._PACK_PLANS.values()
     stacked = [block.stacked is not None for block in plan.blocks]
     assert stacked == [not (odd_start and kernel == "bernoulli")]
 
@@ -639,13 +728,9 @@ def test_blocks_of_many_short_pieces_match_the_reference(kernel: str) -> None:
     tensors = [torch.randn(65) for _ in range(100)]
     fast = [t.clone() for t in tensors]
     reference = [t.clone() for t in tensors]
-    for values, run in ((fast, fast_kernel), (reference, reference_kernel)):
-        targets = [
-            MaskTarget(v, stream_key(8, domain, 1, i), 5 * i + 1) for i, v in enumerate(values)
-        ]
-        if run is fast_kernel:
-            run(targets, 0.3, chunk_lanes=64)
-        else:
-            run(targets, 0.3)
+    starts = [5 * i + 1 for i in range(len(tensors))]
+    keys = stream_key_table(8, domain, 1, list(range(len(tensors))))
+    fast_kernel(fast, starts, keys, 0.3, chunk_lanes=64)
+    reference_kernel(reference, starts, keys, 0.3)
     for got, want in zip(fast, reference):
         assert_bit_identical(got, want)

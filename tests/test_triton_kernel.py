@@ -2,7 +2,9 @@
 
 The kernel is what CUDA tensors are masked with; here it must give bit for bit
 what the torch-op path gives (and so what the reference path gives), for every
-dtype it takes, odd sizes, odd and 64-bit start offsets, and NaN and inf.
+dtype it takes, odd sizes, odd and 64-bit start offsets, and NaN and inf. Whole
+buckets go through the dispatcher with the backend pinned
+(``DROPGRAD_BACKEND=triton``), which accepts CPU tensors under the interpreter.
 """
 
 from __future__ import annotations
@@ -14,16 +16,12 @@ import torch
 
 pytest.importorskip("triton")
 
-import dropgrad._triton_mask as triton_mask  # noqa: E402
-from dropgrad._masking import (  # noqa: E402
-    LANE_LEVELS,
-    KeyColumn,
-    MaskTarget,
-    _triton_masks_,
-    bernoulli_keyed_,
-    quantize_rate,
-)
+from dropgrad import DropGrad, kernels  # noqa: E402
 from dropgrad._random import MASK_DOMAIN, stream_key  # noqa: E402
+from dropgrad.kernels import _triton as triton_mask  # noqa: E402
+from dropgrad.kernels._reference import LANE_LEVELS  # noqa: E402
+
+from ._helpers import key_table, mask_with, triton_mask_one_  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -33,9 +31,8 @@ BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Run the kernel under the interpreter, jitted afresh for it."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_mask._kernel_cache.clear()
+    monkeypatch.setattr(triton_mask, "_kernel_cache", {})
     yield
-    triton_mask._kernel_cache.clear()
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -54,7 +51,15 @@ def mask_with_kernel(tensor: torch.Tensor, start: int, rate: float, scale: float
     threshold = round(rate * LANE_LEVELS)
     factor = scale * LANE_LEVELS / (LANE_LEVELS - threshold)
     key = stream_key(31, MASK_DOMAIN, 4, 2)
-    triton_mask.bernoulli_keyed_triton_(tensor, start, key, threshold, factor)
+    triton_mask_one_(tensor, start, key, threshold, factor)
+
+
+def torch_op_mask(
+    tensors: list[torch.Tensor], starts: list[int], keys: list, rate: float, scale: float = 1.0
+) -> None:
+    """The torch-op backend's masks, each tensor a bucket of its own."""
+    for tensor, start, key in zip(tensors, starts, keys):
+        mask_with("torch", [tensor], [start], key_table([key]), rate, scale=scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -64,7 +69,7 @@ def test_kernel_matches_the_torch_op_path(dtype: torch.dtype, size: int, start: 
     expected = values(size, dtype)
     actual = expected.clone()
     key = stream_key(31, MASK_DOMAIN, 4, 2)
-    bernoulli_keyed_([MaskTarget(expected, key, start)], 0.3, 1.5)
+    torch_op_mask([expected], [start], [key], 0.3, 1.5)
     mask_with_kernel(actual, start, 0.3, 1.5)
     if dtype == torch.bfloat16:
         # The interpreter emulates bfloat16 by truncating float32, where a GPU
@@ -84,13 +89,15 @@ def test_kernel_matches_at_extreme_thresholds(rate: float) -> None:
     expected = values(2048, torch.float32)
     actual = expected.clone()
     key = stream_key(31, MASK_DOMAIN, 4, 2)
-    bernoulli_keyed_([MaskTarget(expected, key, 5)], rate)
+    torch_op_mask([expected], [5], [key], rate)
     mask_with_kernel(actual, 5, rate, 1.0)
     assert torch.equal(bits(actual), bits(expected))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
-def test_non_contiguous_tensors_are_masked_through_contiguous_copies(dtype: torch.dtype) -> None:
+def test_non_contiguous_tensors_are_masked_through_contiguous_copies(
+    launches: CountingKernel, dtype: torch.dtype
+) -> None:
     # What a CUDA step hands the kernel: several tensors, some transposed or strided,
     # each with its own key and start; the copies are written back into the originals.
     def views() -> list[torch.Tensor]:
@@ -105,9 +112,10 @@ def test_non_contiguous_tensors_are_masked_through_contiguous_copies(dtype: torc
     assert [t.is_contiguous() for t in actual] == [False, False, True, False]
     keys = [stream_key(31, MASK_DOMAIN, 4, k) for k in range(len(actual))]
     starts = [0, 7, 2**32 - 1, 2**33 + 3]
-    bernoulli_keyed_([MaskTarget(e, k, s) for e, k, s in zip(expected, keys, starts)], 0.3, 1.5)
-    threshold, keep_scale = quantize_rate(0.3)
-    assert _triton_masks_(actual, starts, KeyColumn.from_keys(keys), threshold, 1.5 * keep_scale)
+    torch_op_mask(expected, starts, keys, 0.3, 1.5)
+    mask_with("triton", actual, starts, key_table(keys), 0.3, scale=1.5)
+    assert len(launches.grids) == 1
+    assert [t.is_contiguous() for t in actual] == [False, False, True, False]
     for got, want in zip(actual, expected):
         assert torch.equal(bits(got), bits(want))
 
@@ -135,12 +143,18 @@ def test_empty_tensor_is_a_no_op() -> None:
     mask_with_kernel(torch.empty(0), 0, 0.5, 1.0)
 
 
-def test_usable_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert triton_mask.triton_usable(torch.ones(8))
-    assert not triton_mask.triton_usable(torch.ones(8, 2).t())
-    assert not triton_mask.triton_usable(torch.ones(8, dtype=torch.complex64))
+def test_accepted_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bernoulli masks of real dtypes, on CUDA or under the interpreter; strides are the
+    dispatcher's business (it hands the kernel contiguous copies)."""
+    assert kernels.backend_available("triton")
+    assert triton_mask.unavailable() is None
+    assert triton_mask.accepts([torch.ones(8)], "bernoulli")
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert triton_mask.accepts([torch.ones(8, dtype=dtype)], "bernoulli")
+    assert not triton_mask.accepts([torch.ones(8)], "gaussian")
+    assert not triton_mask.accepts([torch.ones(8, dtype=torch.complex64)], "bernoulli")
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert not triton_mask.triton_usable(torch.ones(8))
+    assert not triton_mask.accepts([torch.ones(8)], "bernoulli")
 
 
 def test_missing_triton_means_unusable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,7 +168,21 @@ def test_missing_triton_means_unusable(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", refuse_triton)
-    assert not triton_mask.triton_usable(torch.ones(8))
+    assert not triton_mask.accepts([torch.ones(8)], "bernoulli")
+    assert triton_mask.unavailable() == "off: Triton cannot be imported"
+    assert kernels.status()["triton"] == "off: Triton cannot be imported"
+    assert not kernels.backend_available("triton")
+    # Pinned, it refuses to run; not pinned, the torch-op backend masks instead.
+    monkeypatch.setenv("DROPGRAD_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match=r"DROPGRAD_BACKEND=triton .*Triton cannot be imported"):
+        kernels.mask_(
+            [torch.ones(8)], [0], key_table([stream_key(1, MASK_DOMAIN, 0, 0)]), 0.5, "bernoulli"
+        )
+    monkeypatch.delenv("DROPGRAD_BACKEND")
+    p = torch.nn.Parameter(torch.ones(64))
+    p.grad = torch.ones(64)
+    DropGrad(torch.optim.SGD([p], lr=1.0), drop_rate=0.5, seed=3).step()
+    assert 0 < int((p.detach() == 1).sum()) < 64
 
 
 # ------------------------------------------------------------ one launch for many tensors
@@ -191,10 +219,8 @@ def test_many_tensors_are_masked_by_one_launch(
     expected = [values(n, dtype) for n in sizes]
     actual = [t.clone() for t in expected]
     keys = [stream_key(31, MASK_DOMAIN, 4, row) for row in range(len(sizes))]
-    for tensor, key, start in zip(expected, keys, starts):
-        bernoulli_keyed_([MaskTarget(tensor, key, start)], 0.3, 1.5)
-    threshold, keep_scale = quantize_rate(0.3)
-    assert _triton_masks_(actual, starts, KeyColumn.from_keys(keys), threshold, 1.5 * keep_scale)
+    torch_op_mask(expected, starts, keys, 0.3, 1.5)
+    mask_with("triton", actual, starts, key_table(keys), 0.3, scale=1.5)
     blocks = sum((n + 1023) // 1024 for n in sizes)
     assert launches.grids == [(blocks,)]
     for got, want in zip(actual, expected):
@@ -235,13 +261,16 @@ def test_the_factor_is_rounded_as_torch_multiplies(dtype: torch.dtype, expected:
 
 def test_lists_one_launch_cannot_take_are_refused(launches: CountingKernel) -> None:
     """Every address is read as the first tensor's dtype, on its device: a mixed list
-    goes to torch ops, which handle it."""
+    goes to torch ops, which handle it, even with the Triton backend pinned."""
     mixed = [values(2048, torch.float32), values(2048, torch.float16)]
-    assert not triton_mask.triton_usable_all(mixed)
-    assert not triton_mask.triton_usable_all([values(8, torch.float32), torch.ones(4, 2).t()])
-    assert not triton_mask.triton_usable_all([])
-    keys = KeyColumn.from_keys([stream_key(31, MASK_DOMAIN, 4, k) for k in range(2)])
-    assert not _triton_masks_(mixed, [0, 0], keys, 100, 1.0)
+    assert not triton_mask.accepts(mixed, "bernoulli")
+    keys = [stream_key(31, MASK_DOMAIN, 4, k) for k in range(2)]
+    expected = [t.clone() for t in mixed]
+    torch_op_mask(expected, [0, 0], keys, 0.3)
+    mask_with("triton", mixed, [0, 0], key_table(keys), 0.3)
+    for got, want in zip(mixed, expected):
+        assert torch.equal(bits(got), bits(want))
+    mask_with("triton", [], [], key_table([]), 0.3)  # an empty bucket: nothing to do
     assert launches.grids == []
 
 
@@ -249,17 +278,26 @@ def test_kernel_bumps_version_counters(launches: CountingKernel) -> None:
     x = torch.randn(64, requires_grad=True)
     y = x * 2
     z = (y * y).sum()
-    keys = KeyColumn.from_keys([stream_key(31, MASK_DOMAIN, 4, 0)])
+    keys = key_table([stream_key(31, MASK_DOMAIN, 4, 0)])
+    rate = 30000 / LANE_LEVELS
     with torch.no_grad():
-        assert _triton_masks_([y], [0], keys, 30000, 2.0)
+        mask_with("triton", [y], [0], keys, rate, scale=2.0)
+    assert len(launches.grids) == 1
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         z.backward()
-    # Under grad mode, a tensor that requires grad is left to torch ops and their checks.
-    assert not _triton_masks_([torch.ones(3, requires_grad=True)], [0], keys, 30000, 2.0)
+    # Under grad mode, a tensor that requires grad is left to torch ops and their checks:
+    # a leaf is refused, a result of other ops gets the torch-op backend's mask.
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        mask_with("triton", [torch.ones(3, requires_grad=True)], [0], keys, rate, scale=2.0)
+    masked = torch.ones(64, requires_grad=True) * 1.0
+    expected = torch.ones(64)
+    mask_with("triton", [masked], [0], keys, rate, scale=2.0)
+    mask_with("torch", [expected], [0], keys, rate, scale=2.0)
+    assert torch.equal(bits(masked.detach()), bits(expected))
     assert len(launches.grids) == 1
 
 
 def test_only_empty_tensors_launch_nothing(launches: CountingKernel) -> None:
     keys = torch.tensor([[1, 2], [3, 4]])
-    triton_mask.bernoulli_multi_triton_([torch.empty(0), torch.empty(0)], [0, 0], keys, 7, 1.0)
+    triton_mask.bernoulli_([torch.empty(0), torch.empty(0)], [0, 0], keys, 7, 1.0)
     assert launches.grids == []

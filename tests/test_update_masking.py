@@ -14,7 +14,7 @@ from torch import nn
 
 import dropgrad.dropgrad_opt as dropgrad_opt
 from dropgrad import DropGrad
-from dropgrad._masking import LANE_LEVELS, quantize_rate
+from dropgrad.kernels import LANE_LEVELS, quantize_rate
 
 from ._helpers import peak_temporary_bytes
 
@@ -298,9 +298,10 @@ def test_only_parameters_with_a_positive_rate_are_copied(monkeypatch: pytest.Mon
     original = dropgrad_opt.UpdateSnapshots
 
     class Recording(original):  # type: ignore[misc, valid-type]
-        def __init__(self, plans: list[Any]) -> None:
-            copied.append([plan.index for plan in plans])
-            super().__init__(plans)
+        def __init__(self, runs: Any) -> None:
+            runs = list(runs)
+            copied.append([position for run in runs for position in run.positions])
+            super().__init__(runs)
 
     monkeypatch.setattr(dropgrad_opt, "UpdateSnapshots", Recording)
     opt = DropGrad(

@@ -18,17 +18,16 @@ do not see each other's half-written files. Before first use the library masks
 tensors that the plain reference path masks too, and is used only if every
 bit agrees.
 
-The caller (``_masking._fused_in_place_``, shared with the Triton kernel)
-makes non-contiguous tensors contiguous and writes them back, and bumps each
-tensor's version counter as an in-place torch op would, so autograd notices a
-masked tensor that a backward pass still needs; tensors that require grad under
-grad mode, and inference tensors outside inference mode, are left to the
-torch-op path and its own checks.
+The dispatcher (``_dispatch.py``) makes non-contiguous tensors contiguous
+and writes them back, and bumps each tensor's version counter as an in-place
+torch op would, so autograd notices a masked tensor that a backward pass still
+needs; tensors that require grad under grad mode, and inference tensors outside
+inference mode, are left to the torch-op backend and its own checks.
 
-Everything falls back to the torch-op path, silently when there is no
+Everything falls back to the torch-op backend, silently when there is no
 compiler, with one warning when building or the check fails. Setting
-``DROPGRAD_NATIVE=0`` turns the kernel off; :func:`status` builds it and says
-whether steps use it.
+``DROPGRAD_NATIVE=0`` keeps the kernel from being built at all; :func:`status`
+builds it and says whether it is in use.
 """
 
 from __future__ import annotations
@@ -46,14 +45,17 @@ import tempfile
 import threading
 import warnings
 from array import array
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "bernoulli_", "disabled", "library", "status"]
+from .._random import MASK_DOMAIN, stream_key_table
+from . import _reference
+from ._reference import quantize_rate
+
+__all__ = ["DTYPES", "accepts", "bernoulli_", "library", "status", "unavailable"]
 
 _SOURCE = Path(__file__).with_name("_native_masks.c")
 _ABI = 1
@@ -67,7 +69,6 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
 _status = "not built yet"
-_enabled = True
 
 
 def _compiler() -> list[str] | None:
@@ -226,9 +227,6 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
     and keys are read right), with odd sizes, starts past ``2**32`` (word indices
     with the top bit set, and wrapping), special values, and negative factors.
     """
-    from ._masking import KeyColumn, MaskTarget, bernoulli_reference_, quantize_rate
-    from ._random import MASK_DOMAIN, stream_key
-
     generator = torch.Generator().manual_seed(0)
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-310])
     starts = [0, 5, 2**32 - 1, 2**32 + 2, 2**33 + 2**31 + 1]
@@ -239,14 +237,11 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
                 torch.cat([special, torch.randn(size, generator=generator) * 1e3]).to(dtype)
                 for size in sizes
             ]
-            keys = [stream_key(123, MASK_DOMAIN, 7, row) for row in range(len(values))]
+            keys = stream_key_table(123, MASK_DOMAIN, 7, list(range(len(values))))
             expected = [t.clone() for t in values]
-            bernoulli_reference_(
-                [MaskTarget(t, k, s) for t, k, s in zip(expected, keys, starts)], rate, scale
-            )
             threshold, keep_scale = quantize_rate(rate)
-            table = KeyColumn.from_keys(keys).table()
-            _call(lib, values, starts, table, threshold, scale * keep_scale)
+            _reference.bernoulli_(expected, starts, keys, threshold, scale * keep_scale)
+            _call(lib, values, starts, keys, threshold, scale * keep_scale)
             for got, want in zip(values, expected):
                 if not torch.equal(_bits(got), _bits(want)):
                     return f"{dtype} at rate {rate} differs from the reference path"
@@ -293,31 +288,20 @@ def library() -> ctypes.CDLL | None:
 def status() -> str:
     """Whether the native kernel is in use, and if not, why (builds it if not tried yet)."""
     library()
-    return _status if _enabled else "off: disabled in this process"
+    return _status
 
 
-def available() -> bool:
-    """Whether steps use the native kernel (builds it on the first call)."""
-    return _enabled and library() is not None
+def unavailable() -> str | None:
+    """``None`` when the kernel is built and checked, else why not (builds it if needed)."""
+    return None if library() is not None else status()
 
 
-@contextmanager
-def disabled() -> Iterator[None]:
-    """Use the torch-op path inside the ``with`` block (tests compare both paths)."""
-    global _enabled
-    previous, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = previous
-
-
-def supports(values: Sequence[Tensor]) -> bool:
-    """Whether :func:`bernoulli_` can mask ``values`` (once made contiguous): all on the
-    CPU, all float32 or all float64, no inference tensor outside inference mode, and
-    the kernel available."""
+def accepts(values: Sequence[Tensor], distribution: str) -> bool:
+    """Whether :func:`bernoulli_` can mask ``values`` (once made contiguous): Bernoulli
+    masks of tensors all on the CPU, all float32 or all float64, no inference tensor
+    outside inference mode, and the kernel built and checked."""
     first = values[0]
-    if first.dtype not in DTYPES or not first.is_cpu or not available():
+    if distribution != "bernoulli" or first.dtype not in DTYPES or not first.is_cpu:
         return False
     # Attribute reads only: a thousand tensors cost about 0.1 ms here.
     if len(values) > 1 and (
@@ -325,7 +309,9 @@ def supports(values: Sequence[Tensor]) -> bool:
     ):
         return False
     # Torch ops raise torch's own error for these.
-    return torch.is_inference_mode_enabled() or not any(map(Tensor.is_inference, values))
+    if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, values)):
+        return False
+    return library() is not None
 
 
 def bernoulli_(
@@ -335,10 +321,10 @@ def bernoulli_(
     threshold: int,
     factor: float,
 ) -> None:
-    """Mask contiguous tensors that :func:`supports` accepts, in place.
+    """Mask contiguous tensors that :func:`accepts` takes, in place.
 
-    The caller tells autograd about the change (``_masking._fused_in_place_``
-    bumps the version counters, as for the Triton kernel).
+    The caller tells autograd about the change (the dispatcher bumps the
+    version counters, as for the Triton kernel).
 
     Args:
         values: contiguous tensors of one dtype on the CPU.

@@ -1,6 +1,6 @@
 """The Bernoulli keyed mask as one fused Triton kernel, for CUDA tensors.
 
-The torch-op path of ``_masking.py`` builds the mask in about fifteen elementwise
+The torch-op backend (``_torch_ops.py``) builds the mask in about fifteen elementwise
 passes (an affine index, eleven hash ops, the keep mask, the AND and the scale),
 each reading and writing memory. On a GPU that traffic is the whole cost, so
 this kernel does everything in registers: each program loads a block of a
@@ -16,20 +16,21 @@ first global index and stream key, then each program's tensor and offset. A
 step over a thousand small gradients is then one launch rather than a
 thousand, which on a GPU is what the time went to.
 
-It computes exactly what the torch-op path computes, bit for bit:
+It computes exactly the reference masks (``_reference.py``), bit for bit:
 
 * word ``w = i >> 1`` of the element's global index ``i`` (taken modulo
   ``2**32``), hash input ``b + a * w`` and the ``lowbias32`` hash, all in
   unsigned 32-bit arithmetic;
 * lane value ``v = ((h >> 16 * (i & 1)) & 0xFFFF) ^ 0x8000`` (the signed lane
-  plus 32768, see ``lanes_reference``), dropped when ``v < threshold``;
+  plus 32768, see ``_reference.lanes_reference``), dropped when ``v < threshold``;
 * survivors multiplied by the factor in float32 for 16- and 32-bit inputs (the
   factor rounded to float32 first) and in float64 for float64, as torch's
   ``mul_`` by a Python float does; dropped elements become +0, NaN and inf too.
 
 Triton is imported lazily, on the first CUDA mask, so ``import dropgrad`` never
-needs it; where it is missing the torch-op path runs instead. The kernel is
-tested on CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+needs it; where it is missing the torch-op backend runs instead. The kernel is
+tested on CPU through Triton's interpreter: with ``TRITON_INTERPRET=1`` this
+backend also accepts CPU tensors, when it is pinned (``DROPGRAD_BACKEND=triton``).
 """
 
 from __future__ import annotations
@@ -42,16 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._random import StreamKey
-
-__all__ = [
-    "bernoulli_keyed_triton_",
-    "bernoulli_multi_triton_",
-    "launch_table",
-    "multiplication_factor",
-    "triton_usable",
-    "triton_usable_all",
-]
+__all__ = ["accepts", "bernoulli_", "launch_table", "multiplication_factor", "unavailable"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BLOCK = 1024
@@ -120,22 +112,20 @@ def _load_kernel() -> Any:
     return keyed_bernoulli_kernel
 
 
-def triton_usable(tensor: Tensor) -> bool:
-    """Whether the fused kernel can mask ``tensor``; see :func:`triton_usable_all`."""
-    return triton_usable_all([tensor])
+def unavailable() -> str | None:
+    """``None`` when Triton can be imported and the kernel built, else why not."""
+    return None if _load_kernel() is not None else "off: Triton cannot be imported"
 
 
-def triton_usable_all(tensors: Sequence[Tensor]) -> bool:
+def accepts(tensors: Sequence[Tensor], distribution: str) -> bool:
     """Whether one launch of the fused kernel can mask ``tensors`` together.
 
-    It needs Triton, contiguous tensors of one supported dtype (float16,
+    It needs a Bernoulli mask, Triton, tensors of one supported dtype (float16,
     bfloat16, float32, float64) on one CUDA device, or CPU tensors under
     Triton's interpreter (``TRITON_INTERPRET=1``, for tests). Never raises.
     """
-    if not tensors:
-        return False
     first = tensors[0]
-    if first.dtype not in _SUPPORTED_DTYPES:
+    if distribution != "bernoulli" or first.dtype not in _SUPPORTED_DTYPES:
         return False
     if not first.is_cuda and not (
         first.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -145,8 +135,6 @@ def triton_usable_all(tensors: Sequence[Tensor]) -> bool:
         len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1
     ):
         return False  # every address is read as the first tensor's type, on its device
-    if not all(map(Tensor.is_contiguous, tensors)):
-        return False
     return _load_kernel() is not None
 
 
@@ -156,22 +144,6 @@ def multiplication_factor(factor: float, dtype: torch.dtype) -> float:
     if dtype == torch.float64:
         return float(factor)
     return torch.tensor(factor, dtype=torch.float32).item()
-
-
-def bernoulli_keyed_triton_(
-    flat: Tensor, start: int, key: StreamKey, threshold: int, factor: float
-) -> None:
-    """Mask the contiguous ``flat`` in place with the keyed Bernoulli mask.
-
-    Args:
-        flat: a contiguous tensor (see :func:`triton_usable`).
-        start: global index of ``flat``'s first element in the whole parameter.
-        key: the parameter's stream key at this step.
-        threshold: lane values below it are dropped, in ``[1, 65535]``.
-        factor: what survivors are multiplied by (rounded as torch's ``mul_`` would).
-    """
-    keys = torch.tensor([[key.a, key.b]], dtype=torch.int64)
-    bernoulli_multi_triton_([flat], [start], keys, threshold, factor)
 
 
 def launch_table(
@@ -206,7 +178,7 @@ def launch_table(
     return table, 1 + 5 * len(tensors)
 
 
-def bernoulli_multi_triton_(
+def bernoulli_(
     tensors: Sequence[Tensor],
     starts: Sequence[int],
     keys: Tensor,
@@ -216,7 +188,7 @@ def bernoulli_multi_triton_(
     """Mask contiguous tensors of one dtype on one device in place, in one launch.
 
     Args:
-        tensors: contiguous tensors (see :func:`triton_usable_all`).
+        tensors: contiguous tensors that :func:`accepts` takes.
         starts: each tensor's first global index in its parameter.
         keys: int64, shape ``(len(tensors), 2)``: each tensor's key ``a, b``.
         threshold: lane values below it are dropped, in ``[1, 65535]``.
