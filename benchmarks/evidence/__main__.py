@@ -8,10 +8,12 @@ Examples::
     python -m benchmarks.evidence --experiments meta_learning motion --jobs 2
     python -m benchmarks.evidence --experiments tuned --resume --jobs 2  # finish a cut-off run
 
-Cost of the full run: 1,908 training runs, about 2,800 CPU-seconds on the 2-core Intel Xeon
-that made the first committed run (see "Reproducing the numbers" in docs/analysis.md), so
-about 24 minutes with ``--jobs 2``; each run uses one thread, so ``--jobs 1`` takes about
-twice as long. ``--quick`` takes 15 to 30 seconds.
+Cost of the full run: 2,458 training runs. The first 1,908 (experiments 1 to 6 and the
+motion measurement) took about 2,800 CPU-seconds on the 2-core Intel Xeon that made the
+first committed run (see "Reproducing the numbers" in docs/analysis.md); the 550 added later
+(experiment 3's controls and longer horizon, experiments 1b and 7, the positive controls)
+recorded about 4,300 s on a shared machine. Each run uses one thread, so ``--jobs 2`` takes
+about half as long as ``--jobs 1``. ``--quick`` uses about 36 CPU-seconds.
 """
 
 from __future__ import annotations
