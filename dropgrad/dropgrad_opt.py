@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as torch_optimizer
 
 from . import _checkpoint
-from ._plan import Batch, UpdateSnapshots, is_dtensor, plan_step
+from ._plan import Batch, Run, UpdateSnapshots, is_dtensor, plan_step
 from ._random import resolve_seed, skip_decision
 from ._rates import (
     GRANULARITIES,
@@ -72,6 +72,23 @@ def _global_step_hooks_suspended() -> Iterator[None]:
             hooks.clear()
             hooks.update(kept)
             hooks.update(added)
+
+
+class _Prepared(NamedTuple):
+    """What a step that runs the wrapped optimizer carries from before it to after it.
+
+    Attributes:
+        counted: ``False`` for the state-creation step of
+            ``torch.distributed.checkpoint`` (passed through unmasked, not counted).
+        scale: full update drop's factor for the steps it keeps.
+        snapshots: copies of the update-masked parameters.
+        gradient_runs: the runs whose gradients are masked.
+    """
+
+    counted: bool
+    scale: float
+    snapshots: UpdateSnapshots | None
+    gradient_runs: list[Run]
 
 
 class _SharedWithWrapped:
@@ -416,12 +433,61 @@ class DropGrad(Optimizer):
                 return self.optimizer.step()
             return self.optimizer.step(closure)
 
-    # Under torch.compile the step runs eagerly, behind a graph break: its
-    # decisions depend on Python counters that change every step, which would
-    # make dynamo specialise and recompile the step until it gave up. The
-    # masks need no generator object, so nothing else stands in the way; the
-    # forward and backward around the step are compiled as usual.
     @torch.compiler.disable
+    def _before_wrapped_step(self, closure: Callable[[], Any] | None) -> _Prepared | None:
+        """Plan the step and draw full update drop's decision; mask the gradients now
+        unless a closure will produce them. ``None`` when the step is skipped (its
+        counters are then already advanced)."""
+        if self._is_state_initialization():
+            return _Prepared(False, 1.0, None, [])
+        settings = self._settings
+        runs = plan_step(settings, self.param_groups)
+        skip_probability = settings.skip_probability()
+        if skip_decision(settings.seed, settings.step_count, skip_probability):
+            # LR schedulers built on the wrapped optimizer check that its step
+            # ran; a deliberately skipped step counts as run for them.
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
+            settings.finish_step(self.param_groups, skipped=True)
+            return None
+        scale = 1.0 / (1.0 - skip_probability)
+        snapshots = UpdateSnapshots(
+            run for run in runs if run.target == "update" and (run.rate or scale != 1.0)
+        )
+        gradient_runs = [run for run in runs if run.target == "gradient"]
+        prepared = _Prepared(True, scale, snapshots, gradient_runs)
+        if closure is None:
+            self._mask_gradients(prepared)
+        return prepared
+
+    @torch.compiler.disable
+    def _mask_gradients(self, prepared: _Prepared) -> None:
+        if not prepared.counted:
+            return
+        settings = self._settings
+        batch = Batch(prepared.scale)
+        for run in prepared.gradient_runs:
+            batch.add_gradients(run)
+        batch.mask_(settings.seed, settings.step_count, settings.distribution)
+
+    @torch.compiler.disable
+    def _after_wrapped_step(self, prepared: _Prepared) -> None:
+        """Mask the updates of ``target="update"`` parameters; advance the counters."""
+        if not prepared.counted:
+            return
+        settings = self._settings
+        if prepared.snapshots:
+            batch = Batch(prepared.scale)
+            prepared.snapshots.mask_updates(
+                batch, settings.seed, settings.step_count, settings.distribution
+            )
+        settings.finish_step(self.param_groups, skipped=False)
+
+    # Under torch.compile, DropGrad's own work (the plan, the masks, the counters)
+    # runs eagerly in the three functions above, behind graph breaks: it depends on
+    # Python counters that change every step, which dynamo would specialise on. The
+    # wrapped optimizer's step between them is traced and compiled as it would be
+    # without DropGrad; dynamo guards only on whether the step was skipped, so a
+    # run compiles at most two versions of this function.
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Mask the gradients (or the update) and run the wrapped optimizer's step.
 
@@ -435,51 +501,24 @@ class DropGrad(Optimizer):
         Returns:
             The loss from ``closure``, or whatever the wrapped ``step()`` returns.
         """
-        if self._is_state_initialization():
-            return self._run_wrapped_step(closure)
-        settings = self._settings
-        runs = plan_step(settings, self.param_groups)
-        skip_probability = settings.skip_probability()
-        if skip_decision(settings.seed, settings.step_count, skip_probability):
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            # LR schedulers built on the wrapped optimizer check that its step
-            # ran; a deliberately skipped step counts as run for them.
-            self.optimizer._opt_called = True  # type: ignore[attr-defined]
-            settings.finish_step(self.param_groups, skipped=True)
-            return loss
-
-        scale = 1.0 / (1.0 - skip_probability)
-        snapshots = UpdateSnapshots(
-            run for run in runs if run.target == "update" and (run.rate or scale != 1.0)
-        )
-        gradient_runs = [run for run in runs if run.target == "gradient"]
-
-        def mask_gradients() -> None:
-            batch = Batch(scale)
-            for run in gradient_runs:
-                batch.add_gradients(run)
-            batch.mask_(settings.seed, settings.step_count, settings.distribution)
-
+        prepared = self._before_wrapped_step(closure)
+        if prepared is None:
+            if closure is None:
+                return None
+            with torch.enable_grad():
+                return closure()
         if closure is None:
-            mask_gradients()
             loss = self._run_wrapped_step(None)
         else:
 
             def masked_closure() -> Any:
                 with torch.enable_grad():
                     value = closure()
-                mask_gradients()
+                self._mask_gradients(prepared)
                 return value
 
             loss = self._run_wrapped_step(masked_closure)
-        if snapshots:
-            snapshots.mask_updates(
-                Batch(scale), settings.seed, settings.step_count, settings.distribution
-            )
-        settings.finish_step(self.param_groups, skipped=False)
+        self._after_wrapped_step(prepared)
         return loss
 
     # ------------------------------------------------------- optimizer plumbing
