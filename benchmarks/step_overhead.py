@@ -23,6 +23,7 @@ Usage::
     python benchmarks/step_overhead.py --quick    # tiny sizes, for CI
     python benchmarks/step_overhead.py --out DIR  # where results are written
     python benchmarks/step_overhead.py --device cuda  # AdamW fused and foreach on a GPU
+    python benchmarks/step_overhead.py --compiled  # also torch.compile(opt.step), Adam foreach
 
 Results go to ``DIR/step_overhead.json``, ``.md`` and ``.png``.
 """
@@ -202,6 +203,68 @@ def time_case(
     }
 
 
+def time_compiled_case(
+    total: int, tensors: int, *, steps: int, warmup: int, drop_rate: float, device: torch.device
+) -> dict[str, Any]:
+    """``torch.compile(opt.step)`` (inductor) of Adam (foreach) bare and inside DropGrad,
+    taking turns step by step as in :func:`time_case`; compilation happens in warm-up."""
+    # Every case compiles the same step functions for new optimizers: start afresh, or
+    # dynamo's per-function cache fills up and later cases would run eagerly.
+    torch._dynamo.reset()
+    generator = torch.Generator(device=device).manual_seed(0)
+    fresh_grads = [
+        torch.empty(total // tensors, device=device).normal_(generator=generator)
+        for _ in range(tensors)
+    ]
+    names = ("bare", "dropgrad")
+    steppers, grads = {}, {}
+    for name in names:
+        params = make_parameters(total, tensors, device, generator)
+        optimizer: Any = torch.optim.Adam(params, lr=1e-3, foreach=True)
+        if name == "dropgrad":
+            optimizer = DropGrad(optimizer, drop_rate=drop_rate, seed=0)
+        steppers[name] = torch.compile(optimizer.step)
+        grads[name] = [param.grad for param in params]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    order = list(names)
+    for step in range(warmup + steps):
+        order = order[1:] + order[:1]
+        for name in order:
+            torch._foreach_copy_(grads[name], fresh_grads)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            steppers[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    return {
+        "case": f"{format_count(total)}/{tensors}",
+        "total_params": total,
+        "tensors": tensors,
+        "optimizer": "Adam foreach, torch.compile(opt.step)",
+        "steps": steps,
+        "median_ms": medians,
+        "ratio_to_bare": {"dropgrad": medians["dropgrad"] / medians["bare"]},
+    }
+
+
+def compiled_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| compiled step | params/tensors | bare (ms) | DropGrad (ms) | DropGrad / bare |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in results:
+        ms = row["median_ms"]
+        lines.append(
+            f"| {row['optimizer']} | {row['case']} | {ms['bare']:.2f} | {ms['dropgrad']:.2f} "
+            f"| {row['ratio_to_bare']['dropgrad']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def format_count(count: int) -> str:
     for unit, size in (("M", 1_000_000), ("k", 1_000)):
         if count >= size and count % size == 0:
@@ -355,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-rate", type=float, default=0.1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory part")
+    parser.add_argument(
+        "--compiled", action="store_true", help="also time torch.compile(opt.step) of Adam"
+    )
     parser.add_argument("--memory-numel", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -391,6 +457,21 @@ def main(argv: list[str] | None = None) -> int:
             )
     table = markdown_table(results)
     print(table, flush=True)
+    compiled: list[dict[str, Any]] = []
+    if args.compiled:
+        for total, tensors in cases:
+            compiled.append(
+                time_compiled_case(
+                    total,
+                    tensors,
+                    steps=steps,
+                    # Compilation happens in the first steps; time none of them.
+                    warmup=max(warmup, 3),
+                    drop_rate=args.drop_rate,
+                    device=device,
+                )
+            )
+        print(compiled_table(compiled), flush=True)
 
     memory = None
     if not args.no_memory:
@@ -410,10 +491,13 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": "float32",
         },
         "results": results,
+        "compiled_results": compiled,
         "peak_memory": memory,
     }
     (args.out / "step_overhead.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = [machine_line(machine), settings_line, "", table]
+    if compiled:
+        markdown += ["", compiled_table(compiled)]
     if memory is not None:
         markdown += ["", memory_lines(memory)]
     (args.out / "step_overhead.md").write_text("\n".join(markdown) + "\n")
