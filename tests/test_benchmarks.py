@@ -24,7 +24,7 @@ CONTENDERS = {"bare", "dropgrad", "update", "published"}
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("step_overhead")
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", "--compiled", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -44,7 +44,14 @@ def test_quick_run_writes_json_with_expected_keys(
 ) -> None:
     _, out = quick_run
     report = json.loads((out / "step_overhead.json").read_text())
-    assert set(report) == {"machine", "settings", "results", "peak_memory"}
+    assert set(report) == {"machine", "settings", "results", "compiled_results", "peak_memory"}
+    # --compiled: torch.compile(opt.step) of Adam, bare and inside DropGrad, per case.
+    compiled = report["compiled_results"]
+    assert [row["case"] for row in compiled] == [row["case"] for row in report["results"][::2]]
+    for row in compiled:
+        ms = row["median_ms"]
+        assert set(ms) == {"bare", "dropgrad"} and min(ms.values()) > 0
+        assert row["ratio_to_bare"]["dropgrad"] == ms["dropgrad"] / ms["bare"]
     assert {"cpu_model", "logical_cores", "torch_version", "torch_threads"} <= set(
         report["machine"]
     )
