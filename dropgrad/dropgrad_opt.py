@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -72,6 +73,52 @@ def _global_step_hooks_suspended() -> Iterator[None]:
             hooks.clear()
             hooks.update(kept)
             hooks.update(added)
+
+
+#: What ``torch.amp.GradScaler`` sets on an optimizer whose step unscales by itself.
+_AMP_ATTRIBUTES = ("grad_scale", "found_inf")
+_NOT_SET = object()
+
+# torch optimizers that divide by ``sqrt(state) + eps`` (Adamax: by ``max(|g|) + eps``),
+# whose state stays 0 while an element's gradients are all exactly 0: with an ``eps`` that
+# is 0 in the parameters' dtype (the defaults 1e-8 and Adagrad's 1e-10 are, in float16)
+# the step is 0 / 0. tests/test_amp_passthrough.py checks this against torch.
+_DIVIDE_BY_EPS = (
+    torch.optim.Adagrad,
+    torch.optim.Adam,
+    torch.optim.AdamW,  # a subclass of Adam only in recent torch
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+)
+
+
+def _zero_gradient_nan(optimizer: Optimizer, group: Mapping[str, Any]) -> str | None:
+    """Why ``optimizer`` turns an exactly-zero gradient in ``group`` into NaN, or ``None``.
+
+    Fused kernels compute in float32; weight decay coupled to the gradient
+    makes it non-zero (AdamW's and ``decoupled_weight_decay=True`` do not).
+    """
+    if not isinstance(optimizer, _DIVIDE_BY_EPS) or group.get("fused"):
+        return None
+    eps = group.get("eps")
+    if isinstance(eps, bool) or not isinstance(eps, int | float):
+        return None
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay")
+    if group.get("weight_decay") and not decoupled:
+        return None
+    for dtype in sorted({p.dtype for p in group["params"] if p.is_floating_point()}, key=str):
+        if float(torch.tensor(eps, dtype=dtype)) == 0.0:
+            name = str(dtype).removeprefix("torch.")
+            return (
+                f"{type(optimizer).__name__} with {name} parameters and eps={eps!r}, which is 0 "
+                f"in {name}, turns an exactly-zero gradient into NaN (0 / 0; torch does so "
+                "without DropGrad too), and DropGrad zeroes gradient elements: an element "
+                f"dropped at every step so far becomes NaN. Use an eps that {name} can hold "
+                "(e.g. 1e-4), fused=True, or float32 parameters."
+            )
+    return None
 
 
 class _Prepared(NamedTuple):
@@ -278,6 +325,7 @@ class DropGrad(Optimizer):
             self.__dict__.pop(f"_before_wrap_{name}", None)
 
         self._settings = settings
+        self._nan_hazard_checked = False
 
     # ------------------------------------------------------------------ settings
 
@@ -437,11 +485,24 @@ class DropGrad(Optimizer):
     def _before_wrapped_step(self, closure: Callable[[], Any] | None) -> _Prepared | None:
         """Plan the step and draw full update drop's decision; mask the gradients now
         unless a closure will produce them. ``None`` when the step is skipped (its
-        counters are then already advanced)."""
+        counters are then already advanced, unless GradScaler found an inf)."""
+        self._take_back_amp_attributes()  # left by a wrapped step that raised
+        found_inf = self.__dict__.get("found_inf")
+        if found_inf is not None and bool(found_inf):
+            # GradScaler's fused path calls step() on an inf too. Its unscaling path
+            # does not call step() at all, and this step is left out as that one is:
+            # not counted, nothing masked, the wrapped step not run. Reading the flag
+            # costs the one host synchronisation per step that the unscaling path
+            # pays as well; the separate unscale pass over every gradient is saved.
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
+            return None
         if self._is_state_initialization():
+            self._hand_amp_attributes()
             return _Prepared(False, 1.0, None, [])
         settings = self._settings
         runs = plan_step(settings, self.param_groups)
+        if not self.__dict__.get("_nan_hazard_checked", True):
+            self._warn_of_zero_gradient_nan(runs)
         skip_probability = settings.skip_probability()
         if skip_decision(settings.seed, settings.step_count, skip_probability):
             # LR schedulers built on the wrapped optimizer check that its step
@@ -457,7 +518,42 @@ class DropGrad(Optimizer):
         prepared = _Prepared(True, scale, snapshots, gradient_runs)
         if closure is None:
             self._mask_gradients(prepared)
+        self._hand_amp_attributes()
         return prepared
+
+    def _hand_amp_attributes(self) -> None:
+        """Give the wrapped optimizer the ``grad_scale`` and ``found_inf`` that
+        GradScaler set on DropGrad (see ``_step_supports_amp_scaling``)."""
+        handed = {}
+        for name in _AMP_ATTRIBUTES:
+            if name in self.__dict__:
+                handed[name] = self.optimizer.__dict__.get(name, _NOT_SET)
+                setattr(self.optimizer, name, self.__dict__[name])
+        if handed:
+            self.__dict__["_amp_handed"] = handed
+
+    def _take_back_amp_attributes(self) -> None:
+        """Restore the wrapped optimizer's own ``grad_scale`` / ``found_inf`` (usually none)."""
+        for name, own in self.__dict__.pop("_amp_handed", {}).items():
+            if own is _NOT_SET:
+                self.optimizer.__dict__.pop(name, None)
+            else:
+                setattr(self.optimizer, name, own)
+
+    def _warn_of_zero_gradient_nan(self, runs: list[Run]) -> None:
+        """Warn once, at the first step that masks, where the wrapped optimizer turns a
+        dropped element into NaN."""
+        masked = {id(param) for run in runs if run.rate for param in run.params}
+        if not masked:
+            return  # nothing masked yet (a scheduler may start at 0): ask again next step
+        self._nan_hazard_checked = True
+        for group in self.param_groups:
+            if not any(id(param) in masked for param in group["params"]):
+                continue
+            reason = _zero_gradient_nan(self.optimizer, group)
+            if reason is not None:
+                warnings.warn(f"DropGrad: {reason}", RuntimeWarning, stacklevel=4)
+                return
 
     @torch.compiler.disable
     def _mask_gradients(self, prepared: _Prepared) -> None:
@@ -472,6 +568,7 @@ class DropGrad(Optimizer):
     @torch.compiler.disable
     def _after_wrapped_step(self, prepared: _Prepared) -> None:
         """Mask the updates of ``target="update"`` parameters; advance the counters."""
+        self._take_back_amp_attributes()
         if not prepared.counted:
             return
         settings = self._settings
@@ -498,6 +595,20 @@ class DropGrad(Optimizer):
         not called at all, but the closure is still evaluated once and its loss
         returned. Schedulers advance once per call either way.
 
+        Under ``torch.amp.GradScaler``, a wrapped optimizer that unscales in its
+        own kernel (fused Adam, AdamW, SGD, Adagrad) gets the loss scale and
+        inf flag that GradScaler sets on DropGrad, so no separate unscaling
+        pass runs; the results are bit-identical to GradScaler unscaling. A
+        step in which GradScaler found an inf is left out, as GradScaler leaves
+        it out for other optimizers: not counted, nothing masked, the wrapped
+        step not run. Telling costs one host synchronisation per step, which
+        GradScaler's unscaling path pays too.
+
+        With float16 parameters and an optimizer that turns an exactly-zero
+        gradient into NaN (non-fused Adagrad, Adam, AdamW, Adamax, NAdam, RAdam
+        or RMSprop whose ``eps`` is 0 in float16, as the defaults are), the
+        first step that masks warns once (``RuntimeWarning``).
+
         Returns:
             The loss from ``closure``, or whatever the wrapped ``step()`` returns.
         """
@@ -522,6 +633,22 @@ class DropGrad(Optimizer):
         return loss
 
     # ------------------------------------------------------- optimizer plumbing
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether ``step()`` unscales the gradients and skips an inf by itself.
+
+        ``torch.amp.GradScaler`` asks every optimizer. DropGrad answers for the
+        wrapped one (fused Adam, AdamW, SGD and Adagrad say yes): GradScaler then
+        sets ``grad_scale`` and ``found_inf`` on DropGrad instead of unscaling
+        every gradient in a pass of its own, and DropGrad hands both to the
+        wrapped step. Masking commutes with the loss scale (a power of two), so
+        a run is bit-identical to the one where GradScaler unscales. A step in
+        which GradScaler found an inf is left out as GradScaler's unscaling path
+        leaves it out: not counted, nothing masked, the wrapped step not run
+        (telling costs one host synchronisation a step, as that path pays too).
+        """
+        return bool(getattr(self.__dict__.get("optimizer"), "_step_supports_amp_scaling", False))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Delegate to the wrapped optimizer's ``zero_grad``."""
