@@ -396,8 +396,11 @@ def test_compiled_training_step_with_opt_step_matches_eager() -> None:
     def run(compiled: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+        # SGD with momentum: its traced step computes exactly what its eager step does
+        # (a traced Adam rounds differently, with or without DropGrad), so the compiled
+        # run, whose wrapped step is traced, must match bit for bit.
         opt = DropGrad(
-            torch.optim.Adam(model.parameters(), lr=1e-2),
+            torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9),
             drop_rate=0.3,
             granularity="element",
             full_update_drop=0.25,
@@ -420,4 +423,4 @@ def test_compiled_training_step_with_opt_step_matches_eager() -> None:
 
     torch._dynamo.reset()
     for compiled, eager in zip(run(True), run(False)):
-        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+        assert torch.equal(compiled, eager)
