@@ -66,6 +66,9 @@ def _train(wrapper: type[DropGrad], name: str, *, inf_at: int | None = None, **o
     """``STEPS`` steps under ``GradScaler("cpu")``; an inf in one gradient at ``inf_at``."""
     model = _model()
     inner = _fused(name, model)
+    if not getattr(inner, "_step_supports_amp_scaling", False):
+        # torch 2.6's fused Adagrad, for one, does not report that its kernel unscales.
+        pytest.skip(f"torch {torch.__version__}'s fused {name} leaves unscaling to GradScaler")
     opt = wrapper(inner, drop_rate=RATE, seed=SEED, **options)
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
     handed: list[bool] = []
@@ -125,8 +128,9 @@ def _one_thread() -> Any:
 def test_reports_the_wrapped_optimizers_amp_support(name: str, fused: bool) -> None:
     inner = getattr(torch.optim, name)(_model().parameters(), lr=0.1, fused=fused)
     opt = DropGrad(inner, drop_rate=RATE)
-    assert opt._step_supports_amp_scaling is fused
-    assert opt._step_supports_amp_scaling == getattr(inner, "_step_supports_amp_scaling", False)
+    assert opt._step_supports_amp_scaling is getattr(inner, "_step_supports_amp_scaling", False)
+    if not fused:
+        assert opt._step_supports_amp_scaling is False
 
 
 def test_an_optimizer_without_amp_support() -> None:
