@@ -195,3 +195,42 @@ def test_checkpoint_loaded_onto_the_gpu_resumes_exactly() -> None:
     train(resumed_model, resumed_opt, range(3, 6))
     for resumed, uninterrupted in zip(resumed_model.parameters(), model.parameters()):
         assert torch.equal(resumed, uninterrupted)
+
+
+class _ScalerUnscales(DropGrad):
+    """DropGrad as GradScaler would see it without the pass-through: it unscales itself."""
+
+    _step_supports_amp_scaling = False
+
+
+def _amp_run(wrapper: type[DropGrad], name: str, **options: object) -> tuple[list, int]:
+    """Six steps of a fused CUDA optimizer under GradScaler("cuda"), an inf at step 3."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).cuda()
+    inner = getattr(torch.optim, name)(model.parameters(), lr=0.05, fused=True)
+    opt = wrapper(inner, drop_rate=0.3, seed=11, **options)  # type: ignore[arg-type]
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    generator = torch.Generator().manual_seed(100)
+    for step in range(6):
+        opt.zero_grad()
+        batch = torch.randn(8, 4, generator=generator).cuda()
+        scaler.scale(model(batch).pow(2).mean()).backward()
+        if step == 3:
+            with torch.no_grad():
+                model[0].weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+    return [p.detach().cpu() for p in model.parameters()], opt.step_count
+
+
+@pytest.mark.parametrize("options", [{}, {"target": "update"}, {"full_update_drop": 0.3}])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+def test_fused_amp_pass_through_matches_gradscaler_unscaling(name: str, options: dict) -> None:
+    passed, passed_steps = _amp_run(DropGrad, name, **options)
+    unscaled, unscaled_steps = _amp_run(_ScalerUnscales, name, **options)
+    # The inf step is left out on both paths: five counted steps of six.
+    assert passed_steps == unscaled_steps == 5
+    for a, b in zip(passed, unscaled):
+        assert torch.equal(a, b)
