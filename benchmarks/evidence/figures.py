@@ -123,3 +123,34 @@ def intervals(
     ax.invert_yaxis()
     for label, mean, low, high in zip(labels, means, lows, highs):
         record.add(panel, label, [mean, low, high])
+
+
+def loss_curves(
+    runs: list[dict[str, Any]],
+    arms: Sequence[str],
+    labels: dict[str, str],
+    file: str,
+    title: str,
+    where: Path,
+) -> list[FigureRecord]:
+    """Training and validation loss of a language model per arm, mean over seeds with the
+    seed range shaded (the runs carry ``curves`` with ``step``, ``train_loss``, ``val_loss``)."""
+    plt = pyplot()
+    record = FigureRecord(file)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, ylabel in (
+        (axes[0], "train_loss", "training loss (nats/char)"),
+        (axes[1], "val_loss", "validation loss (nats/char)"),
+    ):
+        for arm in arms:
+            chosen = [r for r in runs if r["arm"] == arm]
+            if not chosen:
+                continue
+            stacked = np.array([r["curves"][key] for r in chosen])
+            curve(ax, record, ylabel, labels[arm], chosen[0]["curves"]["step"], stacked)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+    axes[1].legend()
+    fig.suptitle(title)
+    save(fig, where, record.file)
+    return [record]

@@ -237,22 +237,11 @@ def summarize(runs: list[dict[str, Any]], config: dict[str, Any]) -> tuple[list[
 def plot(
     runs: list[dict[str, Any]], rows: list[dict[str, Any]], config: dict[str, Any], where: Any
 ) -> list[FigureRecord]:
-    plt = figures.pyplot()
-    record = FigureRecord("language_model.png")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, ylabel in (
-        (axes[0], "train_loss", "training loss (nats/char)"),
-        (axes[1], "val_loss", "validation loss (nats/char)"),
-    ):
-        for arm in ARMS:
-            chosen = [r for r in runs if r["arm"] == arm]
-            if not chosen:
-                continue
-            stacked = np.array([r["curves"][key] for r in chosen])
-            figures.curve(ax, record, ylabel, LABELS[arm], chosen[0]["curves"]["step"], stacked)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-    axes[1].legend()
-    fig.suptitle("Character-level GRU, in-domain split: mean over seeds, seed range shaded")
-    figures.save(fig, where, record.file)
-    return [record]
+    return figures.loss_curves(
+        runs,
+        ARMS,
+        LABELS,
+        "language_model.png",
+        "Character-level GRU, in-domain split: mean over seeds, seed range shaded",
+        where,
+    )
