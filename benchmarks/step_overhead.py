@@ -145,6 +145,34 @@ def build_contender(
     return optimizer
 
 
+def interleaved_medians(
+    steppers: dict[str, Callable[[], Any]],
+    grads: dict[str, list[torch.Tensor]],
+    fresh_grads: list[torch.Tensor],
+    steps: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Median milliseconds of each stepper, the steppers taking turns every step, each
+    stepping on a fresh copy of ``fresh_grads`` written (untimed) into its ``grads``."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    order = list(steppers)
+    for step in range(warmup + steps):
+        # Rotating who goes first keeps any position effect (caches, turbo) off one contender.
+        order = order[1:] + order[:1]
+        for name in order:
+            torch._foreach_copy_(grads[name], fresh_grads)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            steppers[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
 def time_case(
     total: int,
     tensors: int,
@@ -174,22 +202,8 @@ def time_case(
         params = make_parameters(total, tensors, device, generator)
         contenders[name] = build_contender(name, optimizer_name, params, drop_rate)
         grads[name] = [param.grad for param in params]
-    times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    order = list(CONTENDERS)
-    for step in range(warmup + steps):
-        # Rotating who goes first keeps any position effect (caches, turbo) off one contender.
-        order = order[1:] + order[:1]
-        for name in order:
-            torch._foreach_copy_(grads[name], fresh_grads)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            contenders[name].step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    steppers = {name: contender.step for name, contender in contenders.items()}
+    medians = interleaved_medians(steppers, grads, fresh_grads, steps, warmup, device)
     return {
         "case": f"{format_count(total)}/{tensors}",
         "total_params": total,
@@ -216,30 +230,16 @@ def time_compiled_case(
         torch.empty(total // tensors, device=device).normal_(generator=generator)
         for _ in range(tensors)
     ]
-    names = ("bare", "dropgrad")
-    steppers, grads = {}, {}
-    for name in names:
+    steppers: dict[str, Callable[[], Any]] = {}
+    grads = {}
+    for name in ("bare", "dropgrad"):
         params = make_parameters(total, tensors, device, generator)
         optimizer: Any = torch.optim.Adam(params, lr=1e-3, foreach=True)
         if name == "dropgrad":
             optimizer = DropGrad(optimizer, drop_rate=drop_rate, seed=0)
         steppers[name] = torch.compile(optimizer.step)
         grads[name] = [param.grad for param in params]
-    times: dict[str, list[float]] = {name: [] for name in names}
-    order = list(names)
-    for step in range(warmup + steps):
-        order = order[1:] + order[:1]
-        for name in order:
-            torch._foreach_copy_(grads[name], fresh_grads)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            steppers[name]()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    medians = interleaved_medians(steppers, grads, fresh_grads, steps, warmup, device)
     return {
         "case": f"{format_count(total)}/{tensors}",
         "total_params": total,
