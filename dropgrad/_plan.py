@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from ._random import domain_of, stream_key_table
+from ._random import StreamKeys, domain_of, stream_key_table
 from ._settings import Settings, current_rate
 
 if TYPE_CHECKING:
@@ -328,7 +328,7 @@ class Batch:
             torch._foreach_mul_(self._scaled, self.scale)
         domain = domain_of(distribution)
         for (_, _, rate), bucket in self._buckets.items():
-            keys = stream_key_table(seed, domain, step, bucket.positions)
+            keys = StreamKeys(seed, domain, step, bucket.positions)
             indices = None if all(i is None for i in bucket.indices) else bucket.indices
             kernels.mask_(
                 bucket.values,
@@ -340,9 +340,9 @@ class Batch:
                 indices=indices,
             )
         if self._shaped:
-            keys = stream_key_table(seed, domain, step, [entry.position for entry in self._shaped])
+            table = stream_key_table(seed, domain, step, [entry.position for entry in self._shaped])
             for row, entry in enumerate(self._shaped):
-                _mask_rows_(entry, keys[row], distribution, self.scale)
+                _mask_rows_(entry, table[row], distribution, self.scale)
 
 
 def _mask_rows_(entry: _Shaped, key: Tensor, distribution: str, scale: float) -> None:

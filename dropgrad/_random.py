@@ -50,6 +50,7 @@ __all__ = [
     "SEED_LIMIT",
     "SKIP_DOMAIN",
     "StreamKey",
+    "StreamKeys",
     "default_seed",
     "domain_of",
     "hash_words_",
@@ -155,7 +156,7 @@ def stream_key_table(seed: int, domain: int, step: int, indices: Sequence[int]) 
     SplitMix64 round per key in Python would cost milliseconds, and kernels read
     their keys from this table without one Python object per key.
     """
-    step_key = splitmix64(splitmix64(seed ^ domain) ^ (step & _MASK64))
+    step_key = StreamKeys(seed, domain, step, ()).step_key()
     # Parameter positions fit in int64; larger indices take the exact signed form.
     positions = list(indices)
     if positions and max(positions) >= 1 << 63:
@@ -163,6 +164,33 @@ def stream_key_table(seed: int, domain: int, step: int, indices: Sequence[int]) 
     keys = _splitmix64_tensor(torch.tensor(positions, dtype=torch.int64) ^ _signed64(step_key))
     keys = keys.reshape(-1)
     return torch.stack(((keys & _MASK32) | 1, (keys >> 32) & _MASK32), dim=1)
+
+
+class StreamKeys(NamedTuple):
+    """The keys of a bucket's streams, described rather than computed.
+
+    A kernel that derives keys itself (the Triton kernel, from the seed's hash,
+    the step and each tensor's position, on the device) takes this as it is;
+    every other backend reads :meth:`table`, the same keys as a CPU tensor.
+    """
+
+    seed: int
+    domain: int
+    step: int
+    positions: Sequence[int]
+
+    def table(self) -> Tensor:
+        """:func:`stream_key_table` of these positions."""
+        return stream_key_table(self.seed, self.domain, self.step, self.positions)
+
+    def select(self, rows: Sequence[int]) -> StreamKeys:
+        """The keys of the tensors at ``rows`` of the bucket."""
+        return self._replace(positions=[self.positions[row] for row in rows])
+
+    def step_key(self) -> int:
+        """The 64-bit value that, XORed with a position and put through one SplitMix64
+        round, gives the position's key (what :func:`stream_key` computes in between)."""
+        return splitmix64(splitmix64(self.seed ^ self.domain) ^ (self.step & _MASK64))
 
 
 def signed_int32(values: Tensor) -> Tensor:

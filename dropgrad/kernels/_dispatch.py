@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
 
+from .._random import StreamKeys
 from . import _native, _reference, _torch_ops, _triton
 from ._reference import LANE_LEVELS, gaussian_sigma, quantize_rate
 
@@ -68,6 +69,9 @@ class Backend(NamedTuple):
         raw_pointers: writes through data pointers, so it needs contiguous
             tensors, no autograd recording and a version-counter bump.
         unavailable: ``None`` when it can run here, else why not.
+        bernoulli_keyed: ``bernoulli`` with the keys described
+            (:class:`~dropgrad._random.StreamKeys`) rather than tabulated, for a
+            backend that derives them where it runs; ``None``: tabulate them.
     """
 
     name: str
@@ -76,6 +80,9 @@ class Backend(NamedTuple):
     gaussian: Callable[[Sequence[Tensor], Sequence[int], Tensor, float, float], None] | None
     raw_pointers: bool = False
     unavailable: Callable[[], str | None] = _anywhere
+    bernoulli_keyed: (
+        Callable[[Sequence[Tensor], Sequence[int], StreamKeys, int, float], None] | None
+    ) = None
 
 
 # Backends that write through raw data pointers (native, Triton) are marked True.
@@ -127,7 +134,7 @@ def pinned_backend() -> str:
 def mask_(
     values: Sequence[Tensor],
     starts: Sequence[int],
-    keys: Tensor,
+    keys: Tensor | StreamKeys,
     rate: float,
     distribution: str,
     *,
@@ -140,7 +147,8 @@ def mask_(
         values: tensors of one dtype on one device (any strides).
         starts: each tensor's first global index in its parameter.
         keys: int64, shape ``(len(values), 2)``: each tensor's stream key ``a, b``
-            (``dropgrad._random.stream_key_table``).
+            (``dropgrad._random.stream_key_table``), or those keys described
+            (:class:`~dropgrad._random.StreamKeys`, computed only where needed).
         rate: drop probability in ``[0, 1]``; for ``"gaussian"``, the rate whose
             Bernoulli variance the noise matches.
         distribution: ``"bernoulli"`` or ``"gaussian"``.
@@ -162,22 +170,30 @@ def mask_(
             torch._foreach_mul_(list(values), scale)
         return
     pinned = pinned_backend()
-    keys = keys.reshape(-1, 2)
+    described = keys if isinstance(keys, StreamKeys) else None
+    table = None if described is not None else cast(Tensor, keys).reshape(-1, 2)
     factor, sigma = scale * keep_scale, gaussian_sigma(rate)
 
-    def run(
-        backend: Backend, values: Sequence[Tensor], starts: Sequence[int], keys: Tensor
-    ) -> None:
-        if bernoulli:
-            backend.bernoulli(values, starts, keys, threshold, factor)
+    def key_table() -> Tensor:
+        nonlocal table
+        if table is None:
+            assert described is not None
+            table = described.table()
+        return table
+
+    def run(backend: Backend, values: Sequence[Tensor], starts: Sequence[int]) -> None:
+        if bernoulli and backend.bernoulli_keyed is not None and described is not None:
+            backend.bernoulli_keyed(values, starts, described, threshold, factor)
+        elif bernoulli:
+            backend.bernoulli(values, starts, key_table(), threshold, factor)
         else:
             assert backend.gaussian is not None
-            backend.gaussian(values, starts, keys, sigma, scale)
+            backend.gaussian(values, starts, key_table(), sigma, scale)
 
     if indices is not None and any(index is not None for index in indices):
         # Only the reference backend takes index tensors.
         indexed = [i for i, index in enumerate(indices) if index is not None]
-        chosen = ([values[i] for i in indexed], [starts[i] for i in indexed], keys[indexed])
+        chosen = ([values[i] for i in indexed], [starts[i] for i in indexed], key_table()[indexed])
         picked = [indices[i] for i in indexed]
         if bernoulli:
             _reference.bernoulli_(*chosen, threshold, factor, picked)
@@ -186,7 +202,9 @@ def mask_(
         runs = [i for i, index in enumerate(indices) if index is None]
         if not runs:
             return
-        values, starts, keys = [values[i] for i in runs], [starts[i] for i in runs], keys[runs]
+        values, starts = [values[i] for i in runs], [starts[i] for i in runs]
+        table = key_table()[runs]
+        described = described.select(runs) if described is not None else None
     if pinned == "auto":
         names = AUTO_ORDER.get(values[0].device.type, ())
     else:
@@ -194,22 +212,21 @@ def mask_(
     for name in names:
         backend = BACKENDS[name]
         if backend.raw_pointers:
-            if _raw_pointer_run(backend, values, starts, keys, distribution, run):
+            if _raw_pointer_run(backend, values, starts, distribution, run):
                 return
         elif backend.accepts(values, distribution):
-            run(backend, values, starts, keys)
+            run(backend, values, starts)
             return
     torch_ops = _torch_ops.accepts(values, distribution)
-    run(BACKENDS["torch" if torch_ops else "reference"], values, starts, keys)
+    run(BACKENDS["torch" if torch_ops else "reference"], values, starts)
 
 
 def _raw_pointer_run(
     backend: Backend,
     values: Sequence[Tensor],
     starts: Sequence[int],
-    keys: Tensor,
     distribution: str,
-    run: Callable[[Backend, Sequence[Tensor], Sequence[int], Tensor], None],
+    run: Callable[[Backend, Sequence[Tensor], Sequence[int]], None],
 ) -> bool:
     """Run a backend that writes through data pointers; False, with nothing done,
     when the guards or the backend refuse the bucket."""
@@ -220,7 +237,7 @@ def _raw_pointer_run(
     dense, write_back = _reference.contiguous_copies(values)
     if not backend.accepts(dense, distribution):
         return False
-    run(backend, dense, starts, keys)
+    run(backend, dense, starts)
     torch.autograd.graph.increment_version(dense)
     for original, copy in write_back:
         original.copy_(copy)
