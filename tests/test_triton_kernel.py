@@ -9,6 +9,7 @@ buckets go through the dispatcher with the backend pinned
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import pytest
@@ -17,11 +18,11 @@ import torch
 pytest.importorskip("triton")
 
 from dropgrad import DropGrad, kernels  # noqa: E402
-from dropgrad._random import MASK_DOMAIN, stream_key  # noqa: E402
+from dropgrad._random import MASK_DOMAIN, StreamKeys, stream_key  # noqa: E402
 from dropgrad.kernels import _triton as triton_mask  # noqa: E402
-from dropgrad.kernels._reference import LANE_LEVELS  # noqa: E402
+from dropgrad.kernels._reference import LANE_LEVELS, quantize_rate  # noqa: E402
 
-from ._helpers import key_table, mask_with, triton_mask_one_  # noqa: E402
+from ._helpers import key_table, mask_with, pinned_backend, triton_mask_one_  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -32,6 +33,7 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Run the kernel under the interpreter, jitted afresh for it."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(triton_mask, "_kernel_cache", {})
+    monkeypatch.setattr(triton_mask, "_table_cache", OrderedDict())
     yield
 
 
@@ -227,13 +229,12 @@ def test_many_tensors_are_masked_by_one_launch(
         assert torch.equal(bits(got), bits(want))
 
 
-def test_launch_table_lists_the_factor_every_tensor_and_every_block() -> None:
+def test_launch_table_lists_every_tensor_and_every_block() -> None:
     flats = [torch.empty(n) for n in (5, 0, 2048, 2049)]
     keys = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
-    table, blocks_at = triton_mask.launch_table(flats, [0, 1, 2, 3], keys, 1.25, block=1024)
-    assert table.dtype == torch.int64 and blocks_at == 1 + 5 * 4
-    assert table[:1].view(torch.float64).item() == 1.25
-    assert table[1:blocks_at].view(-1, 5).tolist() == [
+    table, blocks_at = triton_mask.launch_table(flats, [0, 1, 2, 3], keys, block=1024)
+    assert table.dtype == torch.int64 and blocks_at == 5 * 4
+    assert table[:blocks_at].view(-1, 5).tolist() == [
         [t.data_ptr(), t.numel(), start, a, b]
         for t, start, (a, b) in zip(flats, [0, 1, 2, 3], keys.tolist())
     ]
@@ -301,3 +302,203 @@ def test_only_empty_tensors_launch_nothing(launches: CountingKernel) -> None:
     keys = torch.tensor([[1, 2], [3, 4]])
     triton_mask.bernoulli_([torch.empty(0), torch.empty(0)], [0, 0], keys, 7, 1.0)
     assert launches.grids == []
+
+
+# ------------------------------------------------- keys derived in the kernel, cached tables
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    if got.dtype == torch.bfloat16:
+        # The interpreter truncates bfloat16 results (see the first test): the masks
+        # must agree exactly, the survivors to one ulp.
+        assert torch.equal(got == 0, want == 0)
+        finite = want.isfinite()
+        ulps = (bits(got)[finite].int() - bits(want)[finite].int()).abs()
+        assert ulps.numel() == 0 or int(ulps.max()) <= 1
+        return
+    assert torch.equal(bits(got), bits(want))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_keyed_kernel_matches_the_reference(dtype: torch.dtype) -> None:
+    """Keys derived in the kernel are the table's keys: at several steps (1 and a
+    multiple of 16 among them, which Triton would otherwise specialize on), with
+    positions past 2**32 and up to 2**64 - 1, seeds near 2**64, starts past 2**32 and
+    empty tensors in the bucket."""
+    sizes = [0, 3, 1025, 1, 2049]
+    starts = [0, 2**32 - 1, 2**33 + 5, 7, 2**40]
+    positions = [0, 2**32 + 1, 2**63 - 1, 2**63, 2**64 - 1]
+    threshold, keep_scale = quantize_rate(0.3)
+    for seed, step in ((2**64 - 1, 1), (2**64 - 3, 16), (5, 2**63 + 7)):
+        keys = StreamKeys(seed, MASK_DOMAIN, step, positions)
+        expected = [values(n, dtype) for n in sizes]
+        actual = [t.clone() for t in expected]
+        mask_with("reference", expected, starts, keys.table(), 0.3, scale=1.5)
+        triton_mask.bernoulli_keyed_(actual, starts, keys, threshold, 1.5 * keep_scale)
+        for got, want in zip(actual, expected):
+            assert_same_bits(got, want)
+
+
+class CountingBuilds:
+    """Counts the launch tables built (for either path)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        build = triton_mask.launch_table
+
+        def counting(*args: object, **kwargs: object) -> object:
+            self.count += 1
+            return build(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(triton_mask, "launch_table", counting)
+
+
+def keyed(tensors: list[torch.Tensor], step: int, positions: list[int] | None = None) -> None:
+    keys = StreamKeys(7, MASK_DOMAIN, step, positions or list(range(len(tensors))))
+    triton_mask.bernoulli_keyed_(tensors, [0] * len(tensors), keys, 20000, 1.25)
+
+
+def test_the_device_table_is_reused_until_a_gradient_moves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    builds = CountingBuilds(monkeypatch)
+    tensors = [torch.ones(3), torch.ones(1030)]
+    for step in range(3):
+        keyed(tensors, step)
+    assert builds.count == 1
+    reallocated = [tensors[0], torch.ones(1030)]  # zero_grad(set_to_none=True) may do this
+    keyed(reallocated, 3)
+    assert builds.count == 2
+    tensors[1].resize_(5)  # same address, another size
+    keyed(tensors, 4)
+    assert builds.count == 3
+    keyed(tensors, 5, positions=[4, 9])  # other parameters' gradients
+    assert builds.count == 4
+    keyed(reallocated, 6)  # an earlier layout, still cached
+    assert builds.count == 4
+
+
+def test_the_table_cache_is_bounded_least_recently_used_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(triton_mask, "TABLE_CACHE_SIZE", 2)
+    builds = CountingBuilds(monkeypatch)
+    first, second, third = [torch.ones(2)], [torch.ones(3)], [torch.ones(4)]
+    for tensors in (first, second, first, third):  # `second` is then the oldest
+        keyed(tensors, 0)
+    assert builds.count == 3 and len(triton_mask._table_cache) == 2
+    keyed(first, 1)
+    keyed(third, 1)
+    assert builds.count == 3
+    keyed(second, 1)
+    assert builds.count == 4 and len(triton_mask._table_cache) == 2
+
+
+def test_a_steady_keyed_step_runs_no_tensor_op_besides_the_launch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No table, copy or key computed on the host once the layout is cached (what
+    benchmarks/op_count.py counts per DropGrad step); the interpreter's own copies
+    inside the launch are not the kernel's."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    kernel = triton_mask._load_kernel()
+
+    class Labelled:
+        def __getitem__(self, grid: tuple[int, ...]) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                with record_function("launch"):
+                    kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setitem(triton_mask._kernel_cache, "kernel", Labelled())
+    tensors = [torch.ones(10), torch.ones(1500)]
+    keyed(tensors, 0)
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        keyed(tensors, 1)
+
+    def in_launch(event: object) -> bool:
+        while event is not None:
+            if event.name == "launch":  # type: ignore[attr-defined]
+                return True
+            event = event.cpu_parent  # type: ignore[attr-defined]
+        return False
+
+    events = recorded.events()
+    assert sum(event.name == "launch" for event in events) == 1
+    outside = [e.name for e in events if e.name.startswith("aten::") and not in_launch(e)]
+    assert outside == []
+
+
+def no_table(self: StreamKeys) -> torch.Tensor:
+    raise AssertionError("a key table was built")
+
+
+def test_described_keys_reach_the_keyed_kernel(
+    monkeypatch: pytest.MonkeyPatch, launches: CountingKernel
+) -> None:
+    """The dispatcher hands StreamKeys to the kernel as they are: no key table is made."""
+    expected = [values(2000, torch.float32), values(9, torch.float32)]
+    actual = [t.clone() for t in expected]
+    keys = StreamKeys(2**64 - 2, MASK_DOMAIN, 3, [2**40, 1])
+    mask_with("reference", expected, [0, 4], keys.table(), 0.3)
+    monkeypatch.setattr(StreamKeys, "table", no_table)
+    with pinned_backend("triton"):
+        kernels.mask_(actual, [0, 4], keys, 0.3, "bernoulli")
+    assert len(launches.grids) == 1
+    for got, want in zip(actual, expected):
+        assert torch.equal(bits(got), bits(want))
+
+
+def test_dropgrad_steps_on_the_keyed_kernel_match_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whole training steps, gradients freed and reallocated between them."""
+    builds = CountingBuilds(monkeypatch)
+    trained = {}
+    for backend in ("reference", "triton"):
+        if backend == "triton":  # the keys reach the kernel described, never tabulated
+            monkeypatch.setattr(StreamKeys, "table", no_table)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 2))
+        optimizer = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.3, seed=11)
+        with pinned_backend(backend):
+            for _ in range(3):
+                model(torch.randn(8, 40)).square().sum().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        trained[backend] = [p.detach().clone() for p in model.parameters()]
+    assert 1 <= builds.count <= 3  # one per layout the gradients took
+    for got, want in zip(trained["triton"], trained["reference"]):
+        assert torch.equal(bits(got), bits(want))
+
+
+def test_bad_arguments_are_refused() -> None:
+    keys = StreamKeys(1, MASK_DOMAIN, 0, [0])
+    tensor = torch.ones(4)
+    with pytest.raises(ValueError, match=r"threshold must be in \[1, 65535\], got 0"):
+        triton_mask.bernoulli_keyed_([tensor], [0], keys, 0, 1.0)
+    with pytest.raises(ValueError, match=r"threshold must be in \[1, 65535\], got 65536"):
+        triton_mask.bernoulli_([tensor], [0], key_table([stream_key(1, 2, 3, 4)]), 65536, 1.0)
+    with pytest.raises(TypeError, match="threshold must be an int, got float 0.5"):
+        triton_mask.bernoulli_keyed_([tensor], [0], keys, 0.5, 1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"one entry per tensor \(1\), got 2 starts and 1 keys"):
+        triton_mask.bernoulli_keyed_([tensor], [0, 0], keys, 7, 1.0)
+    with pytest.raises(ValueError, match=r"one entry per tensor \(2\), got 2 starts and 1 keys"):
+        triton_mask.bernoulli_([tensor, tensor], [0, 0], torch.tensor([[1, 2]]), 7, 1.0)
+    triton_mask.bernoulli_keyed_([], [], keys._replace(positions=[]), 7, 1.0)  # nothing to do
+    assert torch.equal(tensor, torch.ones(4))
+
+
+def test_factor_rounding_matches_torch_and_reaches_the_kernel_exactly() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for factor in (torch.rand(50, dtype=torch.float64, generator=generator) * 4).tolist():
+        as_float32 = torch.tensor(factor, dtype=torch.float32).item()
+        assert triton_mask.multiplication_factor(factor, torch.float16) == as_float32
+        assert triton_mask.multiplication_factor(factor, torch.float64) == factor
+    assert triton_mask.multiplication_factor(1e300, torch.float32) == float("inf")
+    assert triton_mask.multiplication_factor(-1e300, torch.bfloat16) == float("-inf")
+    bits64 = triton_mask.factor_bits(1 / 3, torch.float64)
+    assert 0 <= bits64 < 2**64
+    assert torch.tensor([bits64 - 2**64 * (bits64 >= 2**63)]).view(torch.float64).item() == 1 / 3

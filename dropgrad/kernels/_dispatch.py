@@ -92,7 +92,15 @@ BACKENDS: dict[str, Backend] = {
         Backend("reference", _reference.accepts, _reference.bernoulli_, _reference.gaussian_),
         Backend("torch", _torch_ops.accepts, _torch_ops.bernoulli_, _torch_ops.gaussian_),
         Backend("native", _native.accepts, _native.bernoulli_, None, True, _native.unavailable),
-        Backend("triton", _triton.accepts, _triton.bernoulli_, None, True, _triton.unavailable),
+        Backend(
+            "triton",
+            _triton.accepts,
+            _triton.bernoulli_,
+            None,
+            True,
+            _triton.unavailable,
+            _triton.bernoulli_keyed_,
+        ),
     )
 }
 BACKEND_NAMES = tuple(BACKENDS)
