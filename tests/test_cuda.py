@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from dropgrad import DropGrad, drop_grad, kernels
-from dropgrad._random import MASK_DOMAIN, stream_key, stream_key_table
+from dropgrad._random import MASK_DOMAIN, StreamKeys, stream_key, stream_key_table
 from dropgrad.kernels import _triton
 
-from ._helpers import key_table, mask_with
+from ._helpers import key_table, mask_with, pinned_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -119,6 +119,55 @@ def test_one_launch_over_many_tensors_matches_cpu(dtype: torch.dtype) -> None:
             kernels.mask_(tensors, starts, keys, 0.3, "bernoulli", scale=1.25)
     for got, want in zip(cuda, cpu):
         assert torch.equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+def test_keys_derived_in_the_kernel_match_cpu(launches: CountingKernel, dtype: torch.dtype) -> None:
+    """Described keys (what a DropGrad step passes) reach the kernel as they are, at
+    steps 1 and 16 and past 2**63, with seeds near 2**64, positions past 2**32 and up
+    to 2**64 - 1 and starts past 2**32: the bits are the CPU reference's."""
+    sizes = [0, 1, 3, 1025, 70_001, 5]
+    starts = [0, 7, 2**32 - 1, 2**33 + 1, 9, 2**40]
+    positions = [0, 1, 2**32 + 1, 2**63 - 1, 2**63, 2**64 - 1]
+    cpu = [_with_specials(n, dtype) for n in sizes]
+    cuda = [t.cuda() for t in cpu]
+    for seed, step in ((2**64 - 1, 1), (2**64 - 3, 16), (5, 2**63 + 7)):
+        keys = StreamKeys(seed, MASK_DOMAIN, step, positions)
+        mask_with("reference", cpu, starts, keys.table(), 0.3, scale=1.25)
+        with pinned_backend("triton"):
+            kernels.mask_(cuda, starts, keys, 0.3, "bernoulli", scale=1.25)
+    assert len(launches.grids) == 3
+    for got, want in zip(cuda, cpu):
+        assert torch.equal(_bits(got), _bits(want))
+
+
+def test_a_steady_keyed_mask_copies_nothing_and_never_waits(launches: CountingKernel) -> None:
+    """Once a bucket's launch table is cached (the first mask of its layout), a mask is
+    the launch alone: no host-to-device copy, no host synchronisation, no aten op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tensors = [torch.randn(5000, device="cuda"), torch.randn(3, device="cuda")]
+
+    def mask(step: int) -> None:
+        keys = StreamKeys(2026, MASK_DOMAIN, step, [0, 1])
+        kernels.mask_(tensors, [0, 0], keys, 0.3, "bernoulli")
+
+    mask(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as recorded:
+            mask(1)
+            mask(2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    names = [event.name for event in recorded.events()]
+    assert not [name for name in names if "HtoD" in name or "Memcpy" in name]
+    assert not [name for name in names if name.startswith("aten::")]
+    assert len(launches.grids) == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
