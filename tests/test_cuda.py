@@ -170,6 +170,26 @@ def test_a_steady_keyed_mask_copies_nothing_and_never_waits(launches: CountingKe
     assert len(launches.grids) == 3
 
 
+def test_each_stream_reads_a_launch_table_copied_on_it(launches: CountingKernel) -> None:
+    """A cached launch table is only read on the stream it was copied on: masking on
+    another stream copies one there, and the bits are the same."""
+    tensors = [torch.randn(3000, device="cuda")]
+    expected = [t.cpu() for t in tensors]
+    keys = StreamKeys(7, MASK_DOMAIN, 3, [0])
+    mask_with("reference", expected, [0], keys.table(), 0.3)
+    mask_with("reference", expected, [0], keys.table(), 0.3)
+    kernels.mask_(tensors, [0], keys, 0.3, "bernoulli")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kernels.mask_(tensors, [0], keys, 0.3, "bernoulli")
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(launches.grids) == 2
+    streams = {layout[1] for layout in _triton._table_cache}
+    assert side.cuda_stream in streams and len(streams) >= 2
+    assert torch.equal(_bits(tensors[0]), _bits(expected[0]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_gaussian_cuda_matches_cpu_to_rounding(dtype: torch.dtype) -> None:
     # Box-Muller's log and cos are not correctly rounded on either device.

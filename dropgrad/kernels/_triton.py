@@ -346,10 +346,15 @@ def _device_table(
 
     The key holds every address and size, so a cached table never points at memory
     the bucket no longer uses; at most :data:`TABLE_CACHE_SIZE` layouts are kept.
+    On CUDA it also holds the current stream: a table is copied, read and (once
+    dropped) freed on one stream, so its copy is ordered before every launch that
+    reads it and its memory is never reused while such a launch may still run.
     """
     first = tensors[0]
+    stream = torch.cuda.current_stream(first.device).cuda_stream if first.is_cuda else None
     layout = (
         first.device,
+        stream,
         first.dtype,
         tuple((t.data_ptr(), t.numel()) for t in tensors),
         tuple(starts),
