@@ -41,6 +41,7 @@ __all__ = ["EXPERIMENTS", "execute", "experiment", "rebuild", "run"]
 EXPERIMENTS = (
     "meta_learning",
     "meta_learning_closer",
+    "glyphs",
     "mechanism",
     "label_noise",
     "tuned",
