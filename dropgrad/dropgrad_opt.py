@@ -487,6 +487,13 @@ class DropGrad(Optimizer):
         unless a closure will produce them. ``None`` when the step is skipped (its
         counters are then already advanced, unless GradScaler found an inf)."""
         self._take_back_amp_attributes()  # left by a wrapped step that raised
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "DropGrad.step() cannot be captured in a CUDA graph: the step counter, "
+                "the rates and the stream keys are read on the host at every step, so "
+                "each replay would repeat the captured step's mask; call step() outside "
+                "the captured region"
+            )
         found_inf = self.__dict__.get("found_inf")
         if found_inf is not None and bool(found_inf):
             # GradScaler's fused path calls step() on an inf too. Its unscaling path

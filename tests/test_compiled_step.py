@@ -127,3 +127,38 @@ def test_the_wrapped_optimizers_step_is_in_the_compiled_graph() -> None:
     # not run eagerly.
     assert "addcdiv_" in targets, targets
     assert opt.step_count == 1
+
+
+def test_a_closure_step_compiles_and_matches_eager() -> None:
+    x = torch.randn(8, 6)
+    nets_and_opts = [build({"drop_rate": 0.3}) for _ in range(2)]
+
+    def closure_for(net: Net, opt: DropGrad) -> Callable[[], torch.Tensor]:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = net(x).pow(2).mean()
+            loss.backward()
+            return loss
+
+        return closure
+
+    (eager_net, eager), (net, opt) = nets_and_opts
+    run = torch.compile(opt.step, backend="aot_eager")
+    for _ in range(3):
+        assert torch.equal(run(closure_for(net, opt)), eager.step(closure_for(eager_net, eager)))
+    for a, b in zip(net.parameters(), eager_net.parameters()):
+        assert torch.equal(a, b)
+    assert opt.step_count == eager.step_count == 3
+
+
+def test_a_step_inside_a_cuda_graph_capture_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What torch reports inside torch.cuda.graph(...); tests/test_cuda.py captures for real.
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    net, opt = build({"drop_rate": 0.3})
+    net(torch.randn(8, 6)).sum().backward()
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match=r"cannot be captured in a CUDA graph: the step"):
+        opt.step()
+    assert opt.step_count == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))

@@ -303,3 +303,15 @@ def test_fused_amp_pass_through_matches_gradscaler_unscaling(name: str, options:
     assert passed_steps == unscaled_steps == 5
     for a, b in zip(passed, unscaled):
         assert torch.equal(a, b)
+
+
+def test_capturing_a_step_in_a_cuda_graph_is_refused() -> None:
+    param = torch.nn.Parameter(torch.ones(64, device="cuda"))
+    opt = DropGrad(torch.optim.SGD([param], lr=0.1), drop_rate=0.3, seed=1)
+    param.grad = torch.ones_like(param)
+    opt.step()  # warm-up outside the capture, as CUDA graphs need
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    assert opt.step_count == 1
