@@ -224,6 +224,7 @@ def sparse_value_index(coalesced: Tensor) -> Tensor:
 _DTYPE_OF = operator.attrgetter("dtype")
 _DEVICE_OF = operator.attrgetter("device")
 _LAYOUT_OF = operator.attrgetter("layout")
+_GRAD_OF = operator.attrgetter("grad")
 
 
 def uniform_dense(tensors: list[Any]) -> tuple[torch.device, torch.dtype] | None:
@@ -297,7 +298,7 @@ class Batch:
         """
         if not run.rate and self.scale == 1.0:
             return
-        grads = [param.grad for param in run.params]
+        grads = list(map(_GRAD_OF, run.params))
         if run.rate and run.granularity == "element":
             uniform = uniform_dense(grads)
             if uniform is not None:
@@ -329,7 +330,7 @@ class Batch:
         domain = domain_of(distribution)
         for (_, _, rate), bucket in self._buckets.items():
             keys = StreamKeys(seed, domain, step, bucket.positions)
-            indices = None if all(i is None for i in bucket.indices) else bucket.indices
+            indices = None if bucket.indices.count(None) == len(bucket.indices) else bucket.indices
             kernels.mask_(
                 bucket.values,
                 bucket.starts,

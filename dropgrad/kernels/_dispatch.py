@@ -25,6 +25,7 @@ functions and one :class:`Backend` entry in :data:`BACKENDS` below.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, cast
@@ -47,6 +48,8 @@ __all__ = [
     "pinned_backend",
     "status",
 ]
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 #: The environment variable that pins a backend ("auto" or unset: choose per bucket).
 ENVIRONMENT_VARIABLE = "DROPGRAD_BACKEND"
@@ -240,7 +243,7 @@ def _raw_pointer_run(
     when the guards or the backend refuse the bucket."""
     if distribution != "bernoulli" and backend.gaussian is None:
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in values):
+    if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, values)):
         return False
     dense, write_back = _reference.contiguous_copies(values)
     if not backend.accepts(dense, distribution):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import operator
 import os
 import platform
 import shlex
@@ -54,6 +55,9 @@ from torch import Tensor
 from .._random import MASK_DOMAIN, stream_key_table
 from . import _reference
 from ._reference import quantize_rate
+
+_DTYPE_OF = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
 
 __all__ = ["DTYPES", "accepts", "bernoulli_", "library", "status", "unavailable"]
 
@@ -303,10 +307,9 @@ def accepts(values: Sequence[Tensor], distribution: str) -> bool:
     first = values[0]
     if distribution != "bernoulli" or first.dtype not in DTYPES or not first.is_cpu:
         return False
-    # Attribute reads only: a thousand tensors cost about 0.1 ms here.
-    if len(values) > 1 and (
-        len({t.dtype for t in values}) > 1 or not all(t.is_cpu for t in values)
-    ):
+    # Attribute reads only, through map (no Python frame per tensor): a thousand
+    # tensors cost well under 0.1 ms here.
+    if len(values) > 1 and (len(set(map(_DTYPE_OF, values))) > 1 or not all(map(_IS_CPU, values))):
         return False
     # Torch ops raise torch's own error for these.
     if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, values)):
@@ -359,8 +362,8 @@ def _call(
     threshold: int,
     factor: float,
 ) -> None:
-    pointers = array("Q", [t.data_ptr() for t in values])
-    sizes = array("q", [t.numel() for t in values])
+    pointers = array("Q", map(Tensor.data_ptr, values))
+    sizes = array("q", map(Tensor.numel, values))
     firsts = array("q", starts)
     table = keys.contiguous()
     code = lib.dropgrad_bernoulli(

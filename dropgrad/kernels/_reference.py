@@ -125,6 +125,8 @@ def contiguous_copies(
     tensors: Sequence[Tensor],
 ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
     """Contiguous versions of ``tensors`` and the ``(original, copy)`` pairs to write back."""
+    if all(map(Tensor.is_contiguous, tensors)):  # the usual case, without a loop in Python
+        return list(tensors), []
     dense: list[Tensor] = []
     write_back: list[tuple[Tensor, Tensor]] = []
     for tensor in tensors:
