@@ -8,13 +8,13 @@ Examples::
     python -m benchmarks.evidence --experiments meta_learning motion --jobs 2
     python -m benchmarks.evidence --experiments tuned --resume --jobs 2  # finish a cut-off run
 
-Cost of the full run: 3,014 training runs. The first 1,908 (experiments 1 to 6 and the
+Cost of the full run: 3,034 training runs. The first 1,908 (experiments 1 to 6 and the
 motion measurement) took about 2,800 CPU-seconds on the 2-core Intel Xeon that made the
 first committed run (see "Reproducing the numbers" in docs/analysis.md); the 550 added later
 (experiment 3's controls and longer horizon, experiments 1b and 7, the positive controls)
-recorded about 4,300 s on a shared machine, and the last 556 (experiment 1b's seeds 20-59
+recorded about 4,300 s on a shared machine, and the last 576 (experiment 1b's seeds 20-59
 and tuned first-order arms, experiment 1c on font glyphs, a third seed of experiment 5's
-learning-rate check) about 5,400 s. Each run uses one
+learning-rate check) about 6,200 s. Each run uses one
 thread, so ``--jobs 2`` takes about half as long as ``--jobs 1``. ``--quick`` uses about 30
 CPU-seconds. Experiment 1c needs Debian's ``fonts-noto-core`` and is skipped without it.
 """
