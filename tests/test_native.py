@@ -552,3 +552,50 @@ def test_any_error_while_building_falls_back(monkeypatch: pytest.MonkeyPatch) ->
     p.grad = torch.ones(100)
     DropGrad(torch.optim.SGD([p], lr=1.0), drop_rate=0.5, seed=3).step()
     assert 0 < int((p.detach() == 1).sum()) < 100
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+def test_a_bucket_split_between_threads_covers_each_element_once(parts: int) -> None:
+    from array import array
+
+    sizes = array("q", [0, 7, 1, 0, 13, 2, 0])
+    pointers = array("Q", [1000 * (i + 1) for i in range(len(sizes))])
+    firsts = array("q", [5, 2**40 + 1, 0, 9, 3, 2**33, 4])
+    cut = _native._split(pointers, sizes, firsts, 64, 4, parts)
+    assert len(cut) == parts
+    seen: list[tuple[int, int]] = []  # (tensor row, global index) of every element handed out
+    for part in cut:
+        row0 = (part.keys_address - 64) // 16
+        assert sum(part.sizes) in (23 // parts, 23 // parts + 1)
+        for i, (pointer, size, first) in enumerate(zip(part.pointers, part.sizes, part.firsts)):
+            row = row0 + i  # a part's tensors are consecutive rows of the key table
+            offset = first - firsts[row]
+            assert pointer == pointers[row] + 4 * offset
+            seen += [(row, first + j) for j in range(size)]
+    expected = [(row, firsts[row] + j) for row in range(len(sizes)) for j in range(sizes[row])]
+    assert seen == expected
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_bucket_masked_by_several_threads_matches_the_reference(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    monkeypatch.setattr(_native, "PARALLEL_MIN_ELEMENTS", 5)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert _native._threads_for(40) == 3
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, dtype=dtype, generator=generator) for n in (0, 9, 1, 16, 0, 5)]
+    starts = [3, 2**40 + 1, 0, 7, 0, 2**33]
+    keys = keys_of(len(tensors))
+    expected = [t.clone() for t in tensors]
+    kernels._reference.bernoulli_(expected, starts, keys, 20_000, 1.25)
+    _native.bernoulli_(tensors, starts, keys, 20_000, 1.25)
+    for got, want in zip(tensors, expected):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_thread_count_follows_torch_and_the_bucket_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    least = _native.PARALLEL_MIN_ELEMENTS
+    assert [_native._threads_for(n) for n in (0, least - 1, 2 * least, 10 * least)] == [1, 1, 2, 4]

@@ -47,7 +47,9 @@ import threading
 import warnings
 from array import array
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -354,6 +356,69 @@ def bernoulli_(
         _call(lib, values, starts, keys.cpu(), threshold, factor)
 
 
+#: Elements per thread below which a bucket is masked by one thread: a thread's share
+#: must outweigh handing it over (tens of microseconds).
+PARALLEL_MIN_ELEMENTS = 1 << 19
+_pool: list[ThreadPoolExecutor] = []
+_pool_lock = threading.Lock()
+
+
+def _threads_for(total: int) -> int:
+    """How many threads mask a bucket of ``total`` elements: torch's intra-op thread
+    count, at most one per ``PARALLEL_MIN_ELEMENTS`` elements."""
+    return max(1, min(torch.get_num_threads(), total // PARALLEL_MIN_ELEMENTS))
+
+
+def _executor() -> ThreadPoolExecutor:
+    with _pool_lock:
+        if not _pool:
+            _pool.append(ThreadPoolExecutor(thread_name_prefix="dropgrad-mask"))
+        return _pool[0]
+
+
+class _Part(NamedTuple):
+    """The tensors (or pieces of tensors) one kernel call masks."""
+
+    pointers: array[int]
+    sizes: array[int]
+    firsts: array[int]
+    keys_address: int
+
+
+def _split(
+    pointers: array[int],
+    sizes: array[int],
+    firsts: array[int],
+    keys_address: int,
+    itemsize: int,
+    parts: int,
+) -> list[_Part]:
+    """Cut a bucket into ``parts`` runs of nearly equal element counts.
+
+    A tensor cut in two becomes two pieces, each with its address and first
+    global index moved by its offset; a mask is a function of the global index
+    alone, so the pieces get exactly the bits the whole would. A part's tensors
+    are consecutive rows of the key table, so its keys are read in place.
+    """
+    total = sum(sizes)
+    cut: list[_Part] = []
+    row, offset = 0, 0  # the next element to hand out: element `offset` of tensor `row`
+    for k in range(parts):
+        quota = total * (k + 1) // parts - total * k // parts
+        part = _Part(array("Q"), array("q"), array("q"), keys_address + 16 * row)
+        while quota > 0 or (row < len(sizes) and offset == sizes[row] == 0):
+            take = min(sizes[row] - offset, quota)
+            part.pointers.append(pointers[row] + offset * itemsize)
+            part.sizes.append(take)
+            part.firsts.append(firsts[row] + offset)
+            quota -= take
+            offset += take
+            if offset == sizes[row]:
+                row, offset = row + 1, 0
+        cut.append(part)
+    return cut
+
+
 def _call(
     lib: ctypes.CDLL,
     values: Sequence[Tensor],
@@ -366,15 +431,32 @@ def _call(
     sizes = array("q", map(Tensor.numel, values))
     firsts = array("q", starts)
     table = keys.contiguous()
-    code = lib.dropgrad_bernoulli(
-        DTYPES[values[0].dtype],
-        len(values),
-        pointers.buffer_info()[0],
-        sizes.buffer_info()[0],
-        firsts.buffer_info()[0],
-        table.data_ptr(),
-        threshold,
-        factor,
-    )
-    if code != 0:  # pragma: no cover - the dtype was checked above
-        raise RuntimeError(f"native mask kernel returned {code}")
+    dtype_code = DTYPES[values[0].dtype]
+
+    def run(part: _Part) -> int:
+        # ctypes releases the GIL for the call, so parts run on several cores.
+        return int(
+            lib.dropgrad_bernoulli(
+                dtype_code,
+                len(part.pointers),
+                part.pointers.buffer_info()[0],
+                part.sizes.buffer_info()[0],
+                part.firsts.buffer_info()[0],
+                part.keys_address,
+                threshold,
+                factor,
+            )
+        )
+
+    threads = _threads_for(sum(sizes))
+    whole = _Part(pointers, sizes, firsts, table.data_ptr())
+    if threads == 1:
+        codes = [run(whole)]
+    else:
+        first, *rest = _split(
+            pointers, sizes, firsts, whole.keys_address, values[0].element_size(), threads
+        )
+        futures = [_executor().submit(run, part) for part in rest]
+        codes = [run(first)] + [future.result() for future in futures]
+    if any(codes):  # pragma: no cover - the dtype was checked above
+        raise RuntimeError(f"native mask kernel returned {codes}")
