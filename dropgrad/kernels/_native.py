@@ -359,7 +359,9 @@ def bernoulli_(
 #: Elements per thread below which a bucket is masked by one thread: a thread's share
 #: must outweigh handing it over (tens of microseconds).
 PARALLEL_MIN_ELEMENTS = 1 << 19
-_pool: list[ThreadPoolExecutor] = []
+# The pool and the process that made it: a forked child inherits the object but none of
+# its threads, and work handed to it there would wait forever, so a child makes its own.
+_pool: list[tuple[int, ThreadPoolExecutor]] = []
 _pool_lock = threading.Lock()
 
 
@@ -371,9 +373,9 @@ def _threads_for(total: int) -> int:
 
 def _executor() -> ThreadPoolExecutor:
     with _pool_lock:
-        if not _pool:
-            _pool.append(ThreadPoolExecutor(thread_name_prefix="dropgrad-mask"))
-        return _pool[0]
+        if not _pool or _pool[0][0] != os.getpid():
+            _pool[:] = [(os.getpid(), ThreadPoolExecutor(thread_name_prefix="dropgrad-mask"))]
+        return _pool[0][1]
 
 
 class _Part(NamedTuple):
