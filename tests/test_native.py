@@ -609,3 +609,23 @@ def test_a_forked_child_gets_a_thread_pool_of_its_own(monkeypatch: pytest.Monkey
     child = _native._executor()
     assert child is not parent
     assert child.submit(lambda: 7).result(timeout=10) == 7
+
+
+@needs_compiler
+def test_a_pool_that_takes_no_more_work_leaves_the_parts_to_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class ShutDown:
+        def submit(self, *args: object) -> None:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(_native, "_executor", ShutDown)
+    monkeypatch.setattr(_native, "PARALLEL_MIN_ELEMENTS", 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    tensors = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in (5, 11, 3)]
+    keys = keys_of(len(tensors))
+    expected = [t.clone() for t in tensors]
+    kernels._reference.bernoulli_(expected, [0, 1, 2**35], keys, 30_000, 2.0)
+    _native.bernoulli_(tensors, [0, 1, 2**35], keys, 30_000, 2.0)
+    for got, want in zip(tensors, expected):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))

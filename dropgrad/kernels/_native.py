@@ -47,7 +47,7 @@ import threading
 import warnings
 from array import array
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import NamedTuple
 
@@ -371,6 +371,16 @@ def _threads_for(total: int) -> int:
     return max(1, min(torch.get_num_threads(), total // PARALLEL_MIN_ELEMENTS))
 
 
+def _reset_pool_lock_in_child() -> None:
+    # A thread of the parent may have held the lock at the fork; the child starts afresh.
+    global _pool_lock
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_reset_pool_lock_in_child)
+
+
 def _executor() -> ThreadPoolExecutor:
     with _pool_lock:
         if not _pool or _pool[0][0] != os.getpid():
@@ -458,7 +468,22 @@ def _call(
         first, *rest = _split(
             pointers, sizes, firsts, whole.keys_address, values[0].element_size(), threads
         )
-        futures = [_executor().submit(run, part) for part in rest]
-        codes = [run(first)] + [future.result() for future in futures]
+        futures: list[Future[int]] = []
+        codes = []
+        try:
+            for part in rest:
+                try:
+                    futures.append(_executor().submit(run, part))
+                except RuntimeError:
+                    # Once the interpreter is shutting down concurrent.futures takes no
+                    # more work (a step in a thread that outlives the main one, or in an
+                    # atexit handler): this thread masks the part itself.
+                    codes.append(run(part))
+            codes.append(run(first))
+        finally:
+            # Not even an exception (Ctrl-C) may return while a worker still writes
+            # through these addresses: the copies and the key table would be freed.
+            wait(futures)
+        codes += [future.result() for future in futures]
     if any(codes):  # pragma: no cover - the dtype was checked above
         raise RuntimeError(f"native mask kernel returned {codes}")
