@@ -670,18 +670,6 @@ def pairs(config: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
-def seeds_note(config: dict[str, Any]) -> str:
-    """How many seeds were declared, and when."""
-    declared = config.get("declared_seeds")
-    if declared is None or declared >= config["seeds"]:
-        return f"{config['seeds']} seeds declared;"
-    return (
-        f"{config['seeds']} seeds, the first {declared} declared before any result and the rest "
-        f"added after those were seen (a verdict that differs on seeds 0–{declared - 1} alone is "
-        "marked exploratory);"
-    )
-
-
 def summarize(runs: list[dict[str, Any]], config: dict[str, Any]) -> tuple[list[dict], list[str]]:
     sizes = runs[0]["data"] if runs else {}
     split = ", ".join(
@@ -692,7 +680,7 @@ def summarize(runs: list[dict[str, Any]], config: dict[str, Any]) -> tuple[list[
     lines = [
         "## Experiment 1c: first-order MAML on font glyphs, split by script (5-way, Conv4)",
         "",
-        f"{seeds_note(config)} {config['iterations']} meta-iterations; "
+        f"{report.seeds_note(config)} {config['iterations']} meta-iterations; "
         f"{split}; {sizes.get('writers', config['writers'])} writers per class. Checkpoint "
         f"chosen on {config['val_episodes']} validation episodes (validation scripts); scored "
         f"on {config['eval_episodes']} test episodes (test scripts).",

@@ -313,24 +313,12 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def seeds_note(config: dict[str, Any]) -> str:
-    """How many seeds were declared, and when: the first 20 before any result, the rest after."""
-    declared = config.get("declared_seeds")
-    if declared is None or declared >= config["seeds"]:
-        return f"{config['seeds']} seeds declared."
-    return (
-        f"{config['seeds']} seeds; the first {declared} declared before any result, the rest "
-        f"after those were seen: a verdict that differs on seeds 0–{declared - 1} alone is "
-        "marked exploratory."
-    )
-
-
 def summarize(runs: list[dict[str, Any]], config: dict[str, Any]) -> tuple[list[dict], list[str]]:
     rows: list[dict[str, Any]] = []
     lines = [
         "## Experiment 1b: MAML closer to the published code (digits, 5-shot, 3-way)",
         "",
-        f"{seeds_note(config)} Checkpoint chosen on {config['val_episodes']} "
+        f"{report.seeds_note(config)} Checkpoint chosen on {config['val_episodes']} "
         "validation episodes built from half of the meta-test classes' images; scored on "
         f"{config['eval_episodes']} test episodes from the other half.",
         "",

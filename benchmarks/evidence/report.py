@@ -274,3 +274,16 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def comparison_rows(comparisons: Sequence[stats.Comparison]) -> list[dict[str, Any]]:
     return [{"kind": "comparison", **c.as_row()} for c in comparisons]
+
+
+def seeds_note(config: dict[str, Any]) -> str:
+    """How many seeds were declared, and when (``declared_seeds``: how many before any
+    result; the rest were added after those were seen)."""
+    declared = config.get("declared_seeds")
+    if declared is None or declared >= config["seeds"]:
+        return f"{config['seeds']} seeds declared."
+    return (
+        f"{config['seeds']} seeds; the first {declared} declared before any result, the rest "
+        f"after those were seen: a verdict that differs on seeds 0–{declared - 1} alone is "
+        "marked exploratory."
+    )
