@@ -601,11 +601,11 @@ def test_thread_count_follows_torch_and_the_bucket_size(monkeypatch: pytest.Monk
     assert [_native._threads_for(n) for n in (0, least - 1, 2 * least, 10 * least)] == [1, 1, 2, 4]
 
 
-def test_a_forked_child_gets_a_thread_pool_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_forked_child_gets_a_thread_pool_of_its_own() -> None:
     parent = _native._executor()
     assert _native._executor() is parent
-    # After fork the child sees another pid; the parent's pool has no threads there.
-    monkeypatch.setattr(_native.os, "getpid", lambda: -1)
+    # What os.fork runs in the child: the parent's pool has no threads there.
+    _native._forget_pool_in_child()
     child = _native._executor()
     assert child is not parent
     assert child.submit(lambda: 7).result(timeout=10) == 7

@@ -359,9 +359,7 @@ def bernoulli_(
 #: Elements per thread below which a bucket is masked by one thread: a thread's share
 #: must outweigh handing it over (tens of microseconds).
 PARALLEL_MIN_ELEMENTS = 1 << 19
-# The pool and the process that made it: a forked child inherits the object but none of
-# its threads, and work handed to it there would wait forever, so a child makes its own.
-_pool: list[tuple[int, ThreadPoolExecutor]] = []
+_pool: list[ThreadPoolExecutor] = []
 _pool_lock = threading.Lock()
 
 
@@ -371,21 +369,23 @@ def _threads_for(total: int) -> int:
     return max(1, min(torch.get_num_threads(), total // PARALLEL_MIN_ELEMENTS))
 
 
-def _reset_pool_lock_in_child() -> None:
-    # A thread of the parent may have held the lock at the fork; the child starts afresh.
+def _forget_pool_in_child() -> None:
+    # A forked child inherits the pool object but none of its threads (work handed to it
+    # would wait forever), and perhaps a lock some parent thread held: it starts afresh.
     global _pool_lock
     _pool_lock = threading.Lock()
+    _pool.clear()
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_reset_pool_lock_in_child)
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _executor() -> ThreadPoolExecutor:
     with _pool_lock:
-        if not _pool or _pool[0][0] != os.getpid():
-            _pool[:] = [(os.getpid(), ThreadPoolExecutor(thread_name_prefix="dropgrad-mask"))]
-        return _pool[0][1]
+        if not _pool:
+            _pool.append(ThreadPoolExecutor(thread_name_prefix="dropgrad-mask"))
+        return _pool[0]
 
 
 class _Part(NamedTuple):
