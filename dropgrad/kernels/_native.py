@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import operator
 import os
 import platform
@@ -47,7 +48,6 @@ import threading
 import warnings
 from array import array
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import NamedTuple
 
@@ -64,12 +64,14 @@ _IS_CPU = operator.attrgetter("is_cpu")
 __all__ = ["DTYPES", "accepts", "bernoulli_", "library", "status", "unavailable"]
 
 _SOURCE = Path(__file__).with_name("_native_masks.c")
-_ABI = 1
+_ABI = 2
 # The dtypes the kernel masks, with their codes in the C source.
 DTYPES = {torch.float32: 0, torch.float64: 1}
 _FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
-# Tried in order: the first the compiler accepts tunes for this CPU.
+# Tried in order: the first the compiler accepts tunes for this CPU, and runs a large
+# bucket's parts on OpenMP threads (with -fopenmp; without, one after another).
 _ARCH_FLAGS: tuple[list[str], ...] = (["-march=native"], ["-mcpu=native"], [])
+_PARALLEL_FLAGS: tuple[list[str], ...] = (["-fopenmp"], [])
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -174,8 +176,8 @@ def _build(compiler: list[str]) -> Path:
     version = _output([*compiler, "--version"])
     directory = _build_dir()
     errors = []
-    for arch in _ARCH_FLAGS:
-        flags = _FLAGS + arch
+    for arch, parallel in itertools.product(_ARCH_FLAGS, _PARALLEL_FLAGS):
+        flags = _FLAGS + arch + parallel
         identity = [source, " ".join(compiler).encode(), version.encode(), " ".join(flags).encode()]
         identity.append(_cpu_identity().encode())
         digest = hashlib.sha256(b"\0".join(identity)).hexdigest()[:20]
@@ -202,7 +204,7 @@ def _build(compiler: list[str]) -> Path:
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
-        errors.append(f"{' '.join(arch) or '(no arch flag)'}: {result.stderr.strip()}")
+        errors.append(f"{' '.join(arch + parallel) or '(no flags)'}: {result.stderr.strip()}")
     raise RuntimeError("compiling the native mask kernel failed:\n" + "\n".join(errors))
 
 
@@ -222,7 +224,10 @@ def _load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p,  # int64 keys, (a, b) per tensor
         ctypes.c_uint32,  # threshold
         ctypes.c_double,  # factor
+        ctypes.c_int32,  # parts to mask in parallel
     ]
+    lib.dropgrad_native_openmp.restype = ctypes.c_int
+    lib.dropgrad_native_openmp.argtypes = []
     return lib
 
 
@@ -277,7 +282,13 @@ def library() -> ctypes.CDLL | None:
             except Exception as error:  # whatever went wrong, the torch-op path still works
                 lib, problem = None, f"{type(error).__name__}: {error}"
             if problem is None:
-                _library, _status = lib, f"on: built by {' '.join(compiler)}"
+                assert lib is not None
+                threads = (
+                    "large buckets on torch's OpenMP threads"
+                    if lib.dropgrad_native_openmp()
+                    else "one thread (built without OpenMP)"
+                )
+                _library, _status = lib, f"on: built by {' '.join(compiler)}, {threads}"
             else:
                 _status = f"off: {problem}"
                 warnings.warn(
@@ -359,76 +370,12 @@ def bernoulli_(
 #: Elements per thread below which a bucket is masked by one thread: a thread's share
 #: must outweigh handing it over (tens of microseconds).
 PARALLEL_MIN_ELEMENTS = 1 << 19
-_pool: list[ThreadPoolExecutor] = []
-_pool_lock = threading.Lock()
 
 
 def _threads_for(total: int) -> int:
     """How many threads mask a bucket of ``total`` elements: torch's intra-op thread
     count, at most one per ``PARALLEL_MIN_ELEMENTS`` elements."""
     return max(1, min(torch.get_num_threads(), total // PARALLEL_MIN_ELEMENTS))
-
-
-def _forget_pool_in_child() -> None:
-    # A forked child inherits the pool object but none of its threads (work handed to it
-    # would wait forever), and perhaps a lock some parent thread held: it starts afresh.
-    global _pool_lock
-    _pool_lock = threading.Lock()
-    _pool.clear()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_forget_pool_in_child)
-
-
-def _executor() -> ThreadPoolExecutor:
-    with _pool_lock:
-        if not _pool:
-            _pool.append(ThreadPoolExecutor(thread_name_prefix="dropgrad-mask"))
-        return _pool[0]
-
-
-class _Part(NamedTuple):
-    """The tensors (or pieces of tensors) one kernel call masks."""
-
-    pointers: array[int]
-    sizes: array[int]
-    firsts: array[int]
-    keys_address: int
-
-
-def _split(
-    pointers: array[int],
-    sizes: array[int],
-    firsts: array[int],
-    keys_address: int,
-    itemsize: int,
-    parts: int,
-) -> list[_Part]:
-    """Cut a bucket into ``parts`` runs of nearly equal element counts.
-
-    A tensor cut in two becomes two pieces, each with its address and first
-    global index moved by its offset; a mask is a function of the global index
-    alone, so the pieces get exactly the bits the whole would. A part's tensors
-    are consecutive rows of the key table, so its keys are read in place.
-    """
-    total = sum(sizes)
-    cut: list[_Part] = []
-    row, offset = 0, 0  # the next element to hand out: element `offset` of tensor `row`
-    for k in range(parts):
-        quota = total * (k + 1) // parts - total * k // parts
-        part = _Part(array("Q"), array("q"), array("q"), keys_address + 16 * row)
-        while quota > 0 or (row < len(sizes) and offset == sizes[row] == 0):
-            take = min(sizes[row] - offset, quota)
-            part.pointers.append(pointers[row] + offset * itemsize)
-            part.sizes.append(take)
-            part.firsts.append(firsts[row] + offset)
-            quota -= take
-            offset += take
-            if offset == sizes[row]:
-                row, offset = row + 1, 0
-        cut.append(part)
-    return cut
 
 
 def _call(
@@ -443,47 +390,18 @@ def _call(
     sizes = array("q", map(Tensor.numel, values))
     firsts = array("q", starts)
     table = keys.contiguous()
-    dtype_code = DTYPES[values[0].dtype]
-
-    def run(part: _Part) -> int:
-        # ctypes releases the GIL for the call, so parts run on several cores.
-        return int(
-            lib.dropgrad_bernoulli(
-                dtype_code,
-                len(part.pointers),
-                part.pointers.buffer_info()[0],
-                part.sizes.buffer_info()[0],
-                part.firsts.buffer_info()[0],
-                part.keys_address,
-                threshold,
-                factor,
-            )
-        )
-
-    threads = _threads_for(sum(sizes))
-    whole = _Part(pointers, sizes, firsts, table.data_ptr())
-    if threads == 1:
-        codes = [run(whole)]
-    else:
-        first, *rest = _split(
-            pointers, sizes, firsts, whole.keys_address, values[0].element_size(), threads
-        )
-        futures: list[Future[int]] = []
-        codes = []
-        try:
-            for part in rest:
-                try:
-                    futures.append(_executor().submit(run, part))
-                except RuntimeError:
-                    # Once the interpreter is shutting down concurrent.futures takes no
-                    # more work (a step in a thread that outlives the main one, or in an
-                    # atexit handler): this thread masks the part itself.
-                    codes.append(run(part))
-            codes.append(run(first))
-        finally:
-            # Not even an exception (Ctrl-C) may return while a worker still writes
-            # through these addresses: the copies and the key table would be freed.
-            wait(futures)
-        codes += [future.result() for future in futures]
-    if any(codes):  # pragma: no cover - the dtype was checked above
-        raise RuntimeError(f"native mask kernel returned {codes}")
+    # ctypes releases the GIL for the call; the kernel cuts the bucket into this many
+    # runs and masks them on torch's OpenMP threads (see _native_masks.c).
+    code = lib.dropgrad_bernoulli(
+        DTYPES[values[0].dtype],
+        len(values),
+        pointers.buffer_info()[0],
+        sizes.buffer_info()[0],
+        firsts.buffer_info()[0],
+        table.data_ptr(),
+        threshold,
+        factor,
+        _threads_for(sum(sizes)),
+    )
+    if code:  # pragma: no cover - the dtype was checked above
+        raise RuntimeError(f"native mask kernel returned {code}")
