@@ -14,7 +14,7 @@ from .dropgrad_scheduler import (
 )
 from .functional import drop_grad, drop_grad_
 
-__version__ = "0.5.0"
+__version__ = "0.5.1"
 
 __all__ = [
     "CosineAnnealingDropRateScheduler",

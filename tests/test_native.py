@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -243,7 +244,7 @@ def test_a_failing_compiler_warns_once_and_falls_back(tmp_path: Path) -> None:
     code = MASK_AND_REPORT + "\nopt.step()\nprint('AGAIN', _native.status())\n"
     result = run_fresh(code, {"CC": failing, "DROPGRAD_CACHE_DIR": str(tmp_path)})
     status, total = report(result)
-    assert status.startswith("off: RuntimeError: compiling the native mask kernel failed")
+    assert status.startswith("off: RuntimeError: building the native mask kernel failed")
     assert result.stderr.count("RuntimeWarning: dropgrad's native CPU mask kernel is not used") == 1
     assert not list(tmp_path.iterdir())  # the partial output was removed
     assert total == expected_sum_of_mask_and_report()
@@ -538,7 +539,7 @@ def test_any_error_while_building_falls_back(monkeypatch: pytest.MonkeyPatch) ->
     if not HAS_COMPILER:
         pytest.skip("no C compiler on this machine")
 
-    def broken(compiler: list[str]) -> Path:
+    def broken(compiler: list[str]) -> NoReturn:
         raise KeyError("getpwuid(): uid not found: 1234")
 
     monkeypatch.setattr(_native, "_tried", False)
@@ -603,25 +604,96 @@ def test_the_parallel_kernel_runs_on_torchs_own_openmp_runtime() -> None:
     assert {Path(path).resolve() for path in mapped} == {bundled.resolve()}
 
 
-FAIL_ON_OPENMP = """#!/bin/sh
+def compiler_wrapper(path: Path, on_openmp: str) -> Path:
+    """A compiler that logs each compilation to ``path.log`` and, given ``-fopenmp``,
+    runs the shell code ``on_openmp`` (the arguments are in ``$@``)."""
+    compiler = _native._compiler()
+    assert compiler is not None
+    path.write_text(
+        f"""#!/bin/sh
+case " $* " in *" -o "*) echo "$*" >> {path}.log ;; esac
 for word in "$@"; do
-    if [ "$word" = -fopenmp ]; then echo "unsupported option '-fopenmp'" >&2; exit 1; fi
+    if [ "$word" = -fopenmp ]; then {on_openmp}; fi
 done
-exec COMPILER "$@"
+exec {" ".join(compiler)} "$@"
 """
+    )
+    path.chmod(0o755)
+    return path
+
+
+def compilations(wrapper: Path) -> list[str]:
+    log = Path(f"{wrapper}.log")
+    return log.read_text().splitlines() if log.exists() else []
 
 
 @needs_compiler
-def test_a_compiler_without_openmp_builds_a_one_thread_kernel(tmp_path: Path) -> None:
+def test_a_compiler_without_openmp_builds_a_one_thread_kernel_once(tmp_path: Path) -> None:
+    refusing = "echo \"unsupported option '-fopenmp'\" >&2; exit 1"
+    wrapper = compiler_wrapper(tmp_path / "cc-without-openmp", refusing)
+    env = {"CC": str(wrapper), "DROPGRAD_CACHE_DIR": str(tmp_path / "cache")}
+    for _ in range(2):  # the second process loads the library the first one built
+        status, total = report(run_fresh(MASK_AND_REPORT, env))
+        assert status == f"on: built by {wrapper}, one thread (built without OpenMP)"
+        assert total == expected_sum_of_mask_and_report()
+        built = compilations(wrapper)
+        assert ["-fopenmp" in line for line in built] == [True, False], built
+
+
+@needs_compiler
+def test_an_openmp_build_that_does_not_load_gives_way_to_one_without(tmp_path: Path) -> None:
+    """As with a runtime library that sits only in the compiler's own directory."""
+    (tmp_path / "hidden").mkdir()
+    stub = tmp_path / "stub.c"
+    stub.write_text("int dropgrad_test_stub(void) { return 0; }\n")
     compiler = _native._compiler()
     assert compiler is not None
-    wrapper = tmp_path / "cc-without-openmp"
-    wrapper.write_text(FAIL_ON_OPENMP.replace("COMPILER", " ".join(compiler)))
-    wrapper.chmod(0o755)
+    subprocess.run(
+        [*compiler, "-shared", "-fPIC", "-o", str(tmp_path / "hidden" / "libhidden.so"), str(stub)],
+        check=True,
+    )
+    linking = f'exec {" ".join(compiler)} "$@" -L{tmp_path / "hidden"} -Wl,--no-as-needed -lhidden'
+    wrapper = compiler_wrapper(tmp_path / "cc-hidden-runtime", linking)
     env = {"CC": str(wrapper), "DROPGRAD_CACHE_DIR": str(tmp_path / "cache")}
     status, total = report(run_fresh(MASK_AND_REPORT, env))
     assert status == f"on: built by {wrapper}, one thread (built without OpenMP)"
     assert total == expected_sum_of_mask_and_report()
+    assert ["-fopenmp" in line for line in compilations(wrapper)] == [True, False]
+
+
+THREADS_STARTED = """
+import os, torch
+torch.set_num_threads(2)
+from dropgrad.kernels import _native, mask_
+from dropgrad._random import MASK_DOMAIN, StreamKeys
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+keys = StreamKeys(5, MASK_DOMAIN, 2, [0])
+small, large = torch.randn(100_000), torch.randn(3_000_000)
+before = tasks()
+print("OPENMP", _native.library().dropgrad_native_openmp())
+built = tasks()
+mask_([small], [0], keys, 0.1, "bernoulli")
+after_small = tasks()
+mask_([large], [0], keys, 0.1, "bernoulli")
+print("TASKS", before, built, after_small, tasks())
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="no /proc/self/task here")
+def test_only_a_large_bucket_starts_threads(tmp_path: Path) -> None:
+    """Building and checking the kernel, or masking a small bucket, starts no thread
+    (a process forked after OpenMP threads started must use one thread); a large
+    bucket is masked on a team of two."""
+    result = run_fresh(THREADS_STARTED, {"DROPGRAD_BACKEND": "native", "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    if lines["OPENMP"] != "1":
+        pytest.skip("the kernel was built without OpenMP here")
+    before, built, after_small, after_large = map(int, lines["TASKS"].split())
+    assert before == built == after_small
+    assert after_large == before + 1  # the calling thread and one OpenMP thread
 
 
 FORKED_CHILD = """
@@ -647,7 +719,8 @@ print("CHILD", os.waitpid(pid, 0)[1])
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_forked_child_with_one_torch_thread_masks_after_the_parent_ran_in_parallel() -> None:
     """Like torch's own OpenMP ops, a forked child must use one thread: GNU libgomp's
-    threads are not in the child (torch's ops hang there too with more)."""
+    threads are not in the child (torch's ops hang there too with more). That the
+    parent's mask ran on several threads is tested above."""
     result = run_fresh(FORKED_CHILD, {"DROPGRAD_BACKEND": "native", "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr
     assert "CHILD 0" in result.stdout

@@ -7,11 +7,16 @@ The result is bit-for-bit the same; only the time differs.
 
 The source ships with the package and is compiled the first time a step needs
 it, with the C compiler named by ``$CC`` or found on ``PATH`` (``cc``,
-``gcc``, ``clang``) and ``-O3 -march=native``. The library is cached under
+``gcc``, ``clang``), ``-O3 -march=native`` and ``-fopenmp`` (each left out
+where the compiler refuses it, or, for ``-fopenmp``, where the library then
+does not load). A bucket of at least ``2 * PARALLEL_MIN_ELEMENTS`` elements is
+cut into runs masked on OpenMP threads; built by gcc, these are torch's own
+(the loader hands the library the ``libgomp.so.1`` torch has already loaded).
+The library is cached under
 ``$DROPGRAD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/dropgrad``, else
 ``~/.cache/dropgrad``; see :func:`_build_dir` for the fallbacks and why a
 default directory must be writable by this user alone), named by a hash of the
-source, the compiler, the flags and the CPU, so a cache shared between
+source, the compiler, the flag sets and the CPU, so a cache shared between
 different machines never hands one a library built for another; it is written
 to a temporary name and renamed, so processes building at once (one per rank)
 do not see each other's half-written files. Before first use the library masks
@@ -49,7 +54,6 @@ import warnings
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -64,7 +68,7 @@ _IS_CPU = operator.attrgetter("is_cpu")
 __all__ = ["DTYPES", "accepts", "bernoulli_", "library", "status", "unavailable"]
 
 _SOURCE = Path(__file__).with_name("_native_masks.c")
-_ABI = 2
+_ABI = 3
 # The dtypes the kernel masks, with their codes in the C source.
 DTYPES = {torch.float32: 0, torch.float64: 1}
 _FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
@@ -72,6 +76,7 @@ _FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast
 # bucket's parts on OpenMP threads (with -fopenmp; without, one after another).
 _ARCH_FLAGS: tuple[list[str], ...] = (["-march=native"], ["-mcpu=native"], [])
 _PARALLEL_FLAGS: tuple[list[str], ...] = (["-fopenmp"], [])
+_FLAG_SETS = list(itertools.product(_ARCH_FLAGS, _PARALLEL_FLAGS))
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -166,24 +171,33 @@ def _build_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="dropgrad-"))
 
 
-def _build(compiler: list[str]) -> Path:
-    """Compile the source (or find it already compiled); returns the library's path.
+def _build(compiler: list[str]) -> ctypes.CDLL:
+    """Compile the source, or find it already compiled, and load it.
+
+    The flag sets are tried in order, and the first that the compiler accepts and
+    whose library loads is taken: a ``-fopenmp`` build whose runtime library the
+    loader cannot find is passed over for the next. One cache name covers the
+    whole list of flag sets (with the source, the compiler and its version and the
+    CPU), so later processes load what the first one built without trying the
+    flag sets it found wanting again.
 
     Raises:
-        RuntimeError: the compiler rejected every flag set (its message included).
+        RuntimeError: no flag set gave a library that loads (the compiler's or the
+            loader's messages included).
     """
     source = _SOURCE.read_bytes()
     version = _output([*compiler, "--version"])
+    candidates = [_FLAGS + arch + parallel for arch, parallel in _FLAG_SETS]
+    identity = [source, " ".join(compiler).encode(), version.encode(), repr(candidates).encode()]
+    identity.append(_cpu_identity().encode())
+    digest = hashlib.sha256(b"\0".join(identity)).hexdigest()[:20]
     directory = _build_dir()
+    target = directory / f"dropgrad_masks_{digest}.so"
+    if target.exists():
+        return _load(target)
     errors = []
-    for arch, parallel in itertools.product(_ARCH_FLAGS, _PARALLEL_FLAGS):
-        flags = _FLAGS + arch + parallel
-        identity = [source, " ".join(compiler).encode(), version.encode(), " ".join(flags).encode()]
-        identity.append(_cpu_identity().encode())
-        digest = hashlib.sha256(b"\0".join(identity)).hexdigest()[:20]
-        target = directory / f"dropgrad_masks_{digest}.so"
-        if target.exists():
-            return target
+    for (arch, parallel), flags in zip(_FLAG_SETS, candidates):
+        named = " ".join(arch + parallel) or "(no flags)"
         handle, partial = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
         os.close(handle)
         try:
@@ -194,18 +208,24 @@ def _build(compiler: list[str]) -> Path:
                 errors="replace",
                 timeout=300,
             )
-            if result.returncode == 0:
-                try:
-                    os.replace(partial, target)  # atomic: others see all of it or nothing
-                except OSError:
-                    if not target.exists():  # not a library another process just put there
-                        raise
-                return target
+            if result.returncode != 0:
+                errors.append(f"{named}: {result.stderr.strip()}")
+                continue
+            try:
+                lib = _load(Path(partial))
+            except (OSError, RuntimeError) as error:
+                errors.append(f"{named}: built, but it does not load: {error}")
+                continue
+            try:
+                os.replace(partial, target)  # atomic: others see all of it or nothing
+            except OSError:
+                if not target.exists():  # not a library another process just put there
+                    raise
+            return lib
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
-        errors.append(f"{' '.join(arch + parallel) or '(no flags)'}: {result.stderr.strip()}")
-    raise RuntimeError("compiling the native mask kernel failed:\n" + "\n".join(errors))
+    raise RuntimeError("building the native mask kernel failed:\n" + "\n".join(errors))
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -224,7 +244,8 @@ def _load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p,  # int64 keys, (a, b) per tensor
         ctypes.c_uint32,  # threshold
         ctypes.c_double,  # factor
-        ctypes.c_int32,  # parts to mask in parallel
+        ctypes.c_int32,  # runs to cut the elements into
+        ctypes.c_int32,  # threads to mask the runs on, at most
     ]
     lib.dropgrad_native_openmp.restype = ctypes.c_int
     lib.dropgrad_native_openmp.argtypes = []
@@ -236,7 +257,8 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
 
     Each call passes several tensors (so the per-tensor addresses, sizes, starts
     and keys are read right), with odd sizes, starts past ``2**32`` (word indices
-    with the top bit set, and wrapping), special values, and negative factors.
+    with the top bit set, and wrapping), special values, and negative factors,
+    and cuts them into 7 runs, some of which cut a tensor at an odd offset.
     """
     generator = torch.Generator().manual_seed(0)
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-310])
@@ -252,7 +274,10 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
             expected = [t.clone() for t in values]
             threshold, keep_scale = quantize_rate(rate)
             _reference.bernoulli_(expected, starts, keys, threshold, scale * keep_scale)
-            _call(lib, values, starts, keys, threshold, scale * keep_scale)
+            # Cut into more runs than tensors, as a large bucket is, on this thread:
+            # no OpenMP threads are started just by building the kernel (a process
+            # forked after they were cannot use more than one thread).
+            _call(lib, values, starts, keys, threshold, scale * keep_scale, parts=7, threads=1)
             for got, want in zip(values, expected):
                 if not torch.equal(_bits(got), _bits(want)):
                     return f"{dtype} at rate {rate} differs from the reference path"
@@ -277,14 +302,14 @@ def library() -> ctypes.CDLL | None:
             _status = "off: no C compiler found ($CC, cc, gcc or clang)"
         else:
             try:
-                lib = _load(_build(compiler))
+                lib = _build(compiler)
                 problem = _self_check(lib)
             except Exception as error:  # whatever went wrong, the torch-op path still works
                 lib, problem = None, f"{type(error).__name__}: {error}"
             if problem is None:
                 assert lib is not None
                 threads = (
-                    "large buckets on torch's OpenMP threads"
+                    "large buckets on several threads (OpenMP)"
                     if lib.dropgrad_native_openmp()
                     else "one thread (built without OpenMP)"
                 )
@@ -385,7 +410,12 @@ def _call(
     keys: Tensor,
     threshold: int,
     factor: float,
+    parts: int | None = None,
+    threads: int | None = None,
 ) -> None:
+    """One kernel call. ``parts``: runs to cut the bucket into (default: by its size,
+    see :func:`_threads_for`); ``threads``: at most this many mask them (default:
+    torch's intra-op thread count)."""
     pointers = array("Q", map(Tensor.data_ptr, values))
     sizes = array("q", map(Tensor.numel, values))
     firsts = array("q", starts)
@@ -401,7 +431,8 @@ def _call(
         table.data_ptr(),
         threshold,
         factor,
-        _threads_for(sum(sizes)),
+        _threads_for(sum(sizes)) if parts is None else parts,
+        torch.get_num_threads() if threads is None else threads,
     )
     if code:  # pragma: no cover - the dtype was checked above
         raise RuntimeError(f"native mask kernel returned {code}")

@@ -4,7 +4,7 @@
  * One pass over each gradient: for every element, hash its word, compare its
  * 16-bit lane with the threshold, clear the element's bits when it is dropped
  * and multiply it by the survivor factor. The result is bit-for-bit the one the
- * torch-op path and the plain reference path in _masking.py compute:
+ * torch-op path and the reference path in kernels/_reference.py compute:
  *
  *   word w of a stream (a, b) = lowbias32(b + a * w mod 2**32)
  *   element g reads lane g & 1 of word g >> 1 (the low 16 bits for even g)
@@ -16,15 +16,16 @@
  * Dropped elements have their bits cleared (+0) before the multiplication, as
  * the torch path does, so NaN and inf gradients are dropped to zero too.
  *
- * The file is compiled on first use by dropgrad/_native.py with
+ * The file is compiled on first use by dropgrad/kernels/_native.py with
  * -O3 -march=native, which lets the compiler vectorize the loops (the 32-bit
- * multiplies need SSE4.1 or better to vectorize). Each word is hashed once for
- * the two elements that read it.
+ * multiplies need SSE4.1 or better to vectorize), and -fopenmp where the
+ * compiler takes it. Each word is hashed once for the two elements that read
+ * it.
  */
 #include <stdint.h>
 #include <string.h>
 
-#define DROPGRAD_NATIVE_ABI 2
+#define DROPGRAD_NATIVE_ABI 3
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT64 = 1 };
 
@@ -170,10 +171,10 @@ static void mask_range(int32_t dtype, int64_t count, const uint64_t *pointers,
  * starts[t], and its stream key is keys[2 t] (the odd multiplier a) and
  * keys[2 t + 1] (the offset b), both in [0, 2**32).
  *
- * The elements are cut into `parts` runs of nearly equal length, masked in
- * parallel when the library is built with OpenMP (one after another without).
- * Built by dropgrad against the libgomp that torch has already loaded (the
- * dynamic loader reuses a loaded library of the same name), the runs go to
+ * The elements are cut into `parts` runs of nearly equal length, masked on up
+ * to `threads` threads when the library is built with OpenMP (one after
+ * another without). Built by gcc, the library asks for libgomp.so.1, and the
+ * dynamic loader hands it the copy torch has already loaded, so the runs go to
  * torch's own OpenMP threads: a pool of threads of our own would compete for
  * the cores with torch's threads, which spin for a while after each parallel
  * op (measured: slower than one thread right after a torch op).
@@ -183,7 +184,8 @@ static void mask_range(int32_t dtype, int64_t count, const uint64_t *pointers,
  */
 int dropgrad_bernoulli(int32_t dtype, int64_t count, const uint64_t *pointers,
                        const int64_t *sizes, const int64_t *starts, const int64_t *keys,
-                       uint32_t threshold, double factor, int32_t parts) {
+                       uint32_t threshold, double factor, int32_t parts,
+                       int32_t threads) {
     if (dtype != DTYPE_FLOAT32 && dtype != DTYPE_FLOAT64) {
         return -1;
     }
@@ -193,8 +195,11 @@ int dropgrad_bernoulli(int32_t dtype, int64_t count, const uint64_t *pointers,
     }
     const int64_t n = parts > 1 ? parts : 1;
     const int64_t share = total / n, extra = total % n;
+    const int team = (int)(threads < 1 ? 1 : threads < n ? threads : n);
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(n) schedule(static, 1) if (n > 1)
+#pragma omp parallel for num_threads(team) schedule(static, 1) if (team > 1)
+#else
+    (void)team;
 #endif
     for (int64_t k = 0; k < n; k++) {
         /* Part k: elements [k share + min(k, extra), (k + 1) share + min(k + 1, extra)). */
