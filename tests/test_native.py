@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -583,25 +584,37 @@ def test_thread_count_follows_torch_and_the_bucket_size(monkeypatch: pytest.Monk
 
 
 def torch_libgomp() -> Path | None:
-    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
-    return found[0] if found else None
+    """torch's own libgomp, where it carries the name gcc's programs ask for (some
+    wheels rename theirs, libgomp-<hash>.so.1, and the loader cannot reuse it then)."""
+    found = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    return found if found.exists() else None
+
+
+def mapped_file(address: int) -> str | None:
+    """The file mapped at ``address`` in this process, from /proc/self/maps."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        low, high = (int(bound, 16) for bound in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) > 5 else None
+    return None
 
 
 @needs_compiler
 def test_the_parallel_kernel_runs_on_torchs_own_openmp_runtime() -> None:
-    """Built with -fopenmp, the library names libgomp.so.1; the loader hands it the
-    copy torch already loaded, so its parts run on torch's threads, not a second pool."""
+    """Built with -fopenmp, the library names libgomp.so.1; the loader binds it to the
+    copy torch already loaded, so its parts run on torch's threads, not a second pool.
+    (Other libraries may bring other copies, scikit-learn for one.)"""
     lib = _native.library()
     assert lib is not None
     bundled = torch_libgomp()
     if not lib.dropgrad_native_openmp() or bundled is None or not Path("/proc/self/maps").exists():
-        pytest.skip("no OpenMP build here, or torch brings no libgomp of its own")
-    mapped = {
-        line.split()[-1]
-        for line in Path("/proc/self/maps").read_text().splitlines()
-        if "libgomp" in line
-    }
-    assert {Path(path).resolve() for path in mapped} == {bundled.resolve()}
+        pytest.skip("no OpenMP build here, or no libgomp.so.1 of torch's own to share")
+    # Looked up through the library's handle: the definition its calls are bound to.
+    entry = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
+    assert entry is not None
+    used = mapped_file(entry)
+    assert used is not None and Path(used).resolve() == bundled.resolve()
 
 
 def compiler_wrapper(path: Path, on_openmp: str) -> Path:
