@@ -17,7 +17,7 @@ import torch
 
 import dropgrad
 from dropgrad import DropGrad, kernels
-from dropgrad._random import MASK_DOMAIN, stream_key, stream_key_table
+from dropgrad._random import MASK_DOMAIN, StreamKeys, stream_key, stream_key_table
 from dropgrad.kernels import _native
 
 from ._helpers import ALL_DTYPES, key_table, mask_with, pinned_backend, random_tensor
@@ -737,3 +737,75 @@ def test_a_forked_child_with_one_torch_thread_masks_after_the_parent_ran_in_para
     result = run_fresh(FORKED_CHILD, {"DROPGRAD_BACKEND": "native", "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr
     assert "CHILD 0" in result.stdout
+
+
+KEYED_CASES = [
+    # (seed, step, positions): small, and every value near 2**64 or 2**63
+    (77, 3, [0, 1, 2, 3]),
+    (2**64 - 1, 2**64 - 1, [2**64 - 1, 2**63, 2**63 - 1, 0]),
+    (2**63 + 5, 2**40 + 3, [7, 2**32, 2**32 - 1, 123_456_789]),
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("seed", "step", "positions"), KEYED_CASES)
+def test_keys_derived_in_the_kernel_are_the_tabulated_ones(
+    monkeypatch: pytest.MonkeyPatch,
+    seed: int,
+    step: int,
+    positions: list[int],
+    dtype: torch.dtype,
+    parts: int,
+) -> None:
+    monkeypatch.setattr(_native, "_threads_for", lambda total: parts)
+    described = StreamKeys(seed, MASK_DOMAIN, step, positions)
+    generator = torch.Generator().manual_seed(step % 1000)
+    tensors = [torch.randn(n, dtype=dtype, generator=generator) for n in (33, 0, 8, 1001)]
+    starts = [0, 5, 2**40 + 1, 3]
+    expected = [t.clone() for t in tensors]
+    kernels._reference.bernoulli_(expected, starts, described.table(), 20_000, 1.25)
+    _native.bernoulli_keyed_(tensors, starts, described, 20_000, 1.25)
+    for got, want in zip(tensors, expected):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@needs_compiler
+def test_a_step_on_the_native_kernel_builds_no_key_table(
+    monkeypatch: pytest.MonkeyPatch, native_calls: list[int]
+) -> None:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (10, 3000, 7)]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    want = [param.grad.clone() for param in params]
+    kernels._reference.bernoulli_(
+        want,
+        [0, 0, 0],
+        StreamKeys(9, MASK_DOMAIN, 0, [0, 1, 2]).table(),
+        *kernels._reference.quantize_rate(0.3),
+    )
+
+    def no_table(self: StreamKeys) -> torch.Tensor:
+        raise AssertionError("a key table was built")
+
+    monkeypatch.setattr(StreamKeys, "table", no_table)
+    with pinned_backend("native"):
+        DropGrad(torch.optim.SGD(params, lr=0.0), drop_rate=0.3, seed=9).step()
+    assert native_calls == [3]
+    for param, grad in zip(params, want):
+        assert torch.equal(param.grad, grad)
+
+
+def test_described_keys_that_do_not_fit_are_refused(native_calls: list[int]) -> None:
+    tensors = [random_tensor(4), random_tensor(4)]
+    with pytest.raises(
+        ValueError, match=r"2 tensors need 2 starts and 2 positions, got 2 starts and 1 positions"
+    ):
+        _native.bernoulli_keyed_(tensors, [0, 0], StreamKeys(1, MASK_DOMAIN, 0, [0]), 100, 1.0)
+    with pytest.raises(ValueError, match="every tensor must be contiguous"):
+        _native.bernoulli_keyed_(
+            [torch.ones(4, 2).t()], [0], StreamKeys(1, MASK_DOMAIN, 0, [0]), 100, 1.0
+        )
+    assert not native_calls

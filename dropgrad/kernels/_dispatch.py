@@ -94,7 +94,15 @@ BACKENDS: dict[str, Backend] = {
     for backend in (
         Backend("reference", _reference.accepts, _reference.bernoulli_, _reference.gaussian_),
         Backend("torch", _torch_ops.accepts, _torch_ops.bernoulli_, _torch_ops.gaussian_),
-        Backend("native", _native.accepts, _native.bernoulli_, None, True, _native.unavailable),
+        Backend(
+            "native",
+            _native.accepts,
+            _native.bernoulli_,
+            None,
+            True,
+            _native.unavailable,
+            _native.bernoulli_keyed_,
+        ),
         Backend(
             "triton",
             _triton.accepts,

@@ -58,17 +58,25 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._random import MASK_DOMAIN, stream_key_table
+from .._random import MASK_DOMAIN, StreamKeys
 from . import _reference
 from ._reference import quantize_rate
 
 _DTYPE_OF = operator.attrgetter("dtype")
 _IS_CPU = operator.attrgetter("is_cpu")
 
-__all__ = ["DTYPES", "accepts", "bernoulli_", "library", "status", "unavailable"]
+__all__ = [
+    "DTYPES",
+    "accepts",
+    "bernoulli_",
+    "bernoulli_keyed_",
+    "library",
+    "status",
+    "unavailable",
+]
 
 _SOURCE = Path(__file__).with_name("_native_masks.c")
-_ABI = 3
+_ABI = 4
 # The dtypes the kernel masks, with their codes in the C source.
 DTYPES = {torch.float32: 0, torch.float64: 1}
 _FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
@@ -247,6 +255,13 @@ def _load(path: Path) -> ctypes.CDLL:
         ctypes.c_int32,  # runs to cut the elements into
         ctypes.c_int32,  # threads to mask the runs on, at most
     ]
+    lib.dropgrad_bernoulli_keyed.restype = ctypes.c_int
+    lib.dropgrad_bernoulli_keyed.argtypes = [
+        *lib.dropgrad_bernoulli.argtypes[:5],
+        ctypes.c_void_p,  # uint64 positions
+        ctypes.c_uint64,  # step key
+        *lib.dropgrad_bernoulli.argtypes[6:],
+    ]
     lib.dropgrad_native_openmp.restype = ctypes.c_int
     lib.dropgrad_native_openmp.argtypes = []
     return lib
@@ -258,29 +273,35 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
     Each call passes several tensors (so the per-tensor addresses, sizes, starts
     and keys are read right), with odd sizes, starts past ``2**32`` (word indices
     with the top bit set, and wrapping), special values, and negative factors,
-    and cuts them into 7 runs, some of which cut a tensor at an odd offset.
+    and cuts them into 7 runs, some of which cut a tensor at an odd offset; the
+    keys are read from a table, and derived in the kernel from a seed, step and
+    positions near ``2**64``.
     """
     generator = torch.Generator().manual_seed(0)
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-310])
     starts = [0, 5, 2**32 - 1, 2**32 + 2, 2**33 + 2**31 + 1]
     sizes = [1001, 7, 300, 1000, 999]
-    for dtype in DTYPES:
-        for rate, scale in ((0.3, 1.0), (0.7, -0.5), (0.001, 3.0)):
-            values = [
-                torch.cat([special, torch.randn(size, generator=generator) * 1e3]).to(dtype)
-                for size in sizes
-            ]
-            keys = stream_key_table(123, MASK_DOMAIN, 7, list(range(len(values))))
-            expected = [t.clone() for t in values]
-            threshold, keep_scale = quantize_rate(rate)
-            _reference.bernoulli_(expected, starts, keys, threshold, scale * keep_scale)
-            # Cut into more runs than tensors, as a large bucket is, on this thread:
-            # no OpenMP threads are started just by building the kernel (a process
-            # forked after they were cannot use more than one thread).
-            _call(lib, values, starts, keys, threshold, scale * keep_scale, parts=7, threads=1)
-            for got, want in zip(values, expected):
-                if not torch.equal(_bits(got), _bits(want)):
-                    return f"{dtype} at rate {rate} differs from the reference path"
+    described = StreamKeys(2**64 - 5, MASK_DOMAIN, 2**63 + 7, [3, 2**64 - 1, 0, 2**63, 12])
+    table = described.table()
+    keyings: tuple[Tensor | StreamKeys, ...] = (table, described)
+    for dtype, (rate, scale), keys in itertools.product(
+        DTYPES, ((0.3, 1.0), (0.7, -0.5), (0.001, 3.0)), keyings
+    ):
+        values = [
+            torch.cat([special, torch.randn(size, generator=generator) * 1e3]).to(dtype)
+            for size in sizes
+        ]
+        expected = [t.clone() for t in values]
+        threshold, keep_scale = quantize_rate(rate)
+        _reference.bernoulli_(expected, starts, table, threshold, scale * keep_scale)
+        # Cut into more runs than tensors, as a large bucket is, on this thread: no
+        # OpenMP threads are started just by building the kernel (a process forked
+        # after they were could not use more than one thread).
+        _call(lib, values, starts, keys, threshold, scale * keep_scale, parts=7, threads=1)
+        for got, want in zip(values, expected):
+            if not torch.equal(_bits(got), _bits(want)):
+                how = "derived" if keys is described else "tabulated"
+                return f"{dtype} at rate {rate} with {how} keys differs from the reference path"
     return None
 
 
@@ -384,12 +405,46 @@ def bernoulli_(
             f"int64 key table of shape ({len(values)}, 2), got {len(starts)} starts and "
             f"{keys.dtype} keys of shape {tuple(keys.shape)}"
         )
+    _mask(values, starts, keys.cpu(), threshold, factor)
+
+
+def bernoulli_keyed_(
+    values: Sequence[Tensor],
+    starts: Sequence[int],
+    keys: StreamKeys,
+    threshold: int,
+    factor: float,
+) -> None:
+    """:func:`bernoulli_` with the keys derived in the kernel from the step key and
+    each tensor's position (the same keys as ``keys.table()``): a step with many
+    tensors builds no key table with torch ops.
+
+    Raises:
+        ValueError: ``starts`` or ``keys.positions`` do not fit ``values``, or a tensor
+            is not contiguous.
+    """
+    if len(starts) != len(values) or len(keys.positions) != len(values):
+        raise ValueError(
+            f"native mask kernel: {len(values)} tensors need {len(values)} starts and "
+            f"{len(values)} positions, got {len(starts)} starts and "
+            f"{len(keys.positions)} positions"
+        )
+    _mask(values, starts, keys, threshold, factor)
+
+
+def _mask(
+    values: Sequence[Tensor],
+    starts: Sequence[int],
+    keys: Tensor | StreamKeys,
+    threshold: int,
+    factor: float,
+) -> None:
     if not all(map(Tensor.is_contiguous, values)):
         raise ValueError("native mask kernel: every tensor must be contiguous")
     lib = library()
     assert lib is not None
     if any(map(Tensor.numel, values)):
-        _call(lib, values, starts, keys.cpu(), threshold, factor)
+        _call(lib, values, starts, keys, threshold, factor)
 
 
 #: Elements per thread below which a bucket is masked by one thread: a thread's share
@@ -407,32 +462,44 @@ def _call(
     lib: ctypes.CDLL,
     values: Sequence[Tensor],
     starts: Sequence[int],
-    keys: Tensor,
+    keys: Tensor | StreamKeys,
     threshold: int,
     factor: float,
     parts: int | None = None,
     threads: int | None = None,
 ) -> None:
-    """One kernel call. ``parts``: runs to cut the bucket into (default: by its size,
-    see :func:`_threads_for`); ``threads``: at most this many mask them (default:
+    """One kernel call, with the keys tabulated (a CPU int64 tensor) or described.
+    ``parts``: runs to cut the bucket into (default: by its size, see
+    :func:`_threads_for`); ``threads``: at most this many mask them (default:
     torch's intra-op thread count)."""
     pointers = array("Q", map(Tensor.data_ptr, values))
     sizes = array("q", map(Tensor.numel, values))
     firsts = array("q", starts)
-    table = keys.contiguous()
-    # ctypes releases the GIL for the call; the kernel cuts the bucket into this many
-    # runs and masks them on torch's OpenMP threads (see _native_masks.c).
-    code = lib.dropgrad_bernoulli(
+    bucket = (
         DTYPES[values[0].dtype],
         len(values),
         pointers.buffer_info()[0],
         sizes.buffer_info()[0],
         firsts.buffer_info()[0],
-        table.data_ptr(),
-        threshold,
-        factor,
+    )
+    # ctypes releases the GIL for the call; the kernel cuts the bucket into this many
+    # runs and masks them on OpenMP threads (see _native_masks.c).
+    schedule = (
         _threads_for(sum(sizes)) if parts is None else parts,
         torch.get_num_threads() if threads is None else threads,
     )
-    if code:  # pragma: no cover - the dtype was checked above
+    if isinstance(keys, StreamKeys):
+        positions = array("Q", keys.positions)
+        code = lib.dropgrad_bernoulli_keyed(
+            *bucket,
+            positions.buffer_info()[0],
+            keys.step_key(),
+            threshold,
+            factor,
+            *schedule,
+        )
+    else:
+        table = keys.contiguous()
+        code = lib.dropgrad_bernoulli(*bucket, table.data_ptr(), threshold, factor, *schedule)
+    if code:  # pragma: no cover - the dtype was checked above, and a table is tiny
         raise RuntimeError(f"native mask kernel returned {code}")

@@ -23,9 +23,10 @@
  * it.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define DROPGRAD_NATIVE_ABI 3
+#define DROPGRAD_NATIVE_ABI 4
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT64 = 1 };
 
@@ -208,4 +209,41 @@ int dropgrad_bernoulli(int32_t dtype, int64_t count, const uint64_t *pointers,
         mask_range(dtype, count, pointers, sizes, starts, keys, threshold, factor, lo, hi);
     }
     return 0;
+}
+
+/* SplitMix64's output function of x + golden gamma, as dropgrad._random.splitmix64. */
+static uint64_t splitmix64(uint64_t x) {
+    uint64_t z = x + UINT64_C(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+/*
+ * dropgrad_bernoulli with the keys derived here rather than read from a table:
+ * tensor t's key is splitmix64(step_key ^ positions[t]), its a the low 32 bits
+ * with the lowest set and its b the high 32 bits, as stream_key() in
+ * dropgrad/_random.py computes them (step_key is StreamKeys.step_key()).
+ *
+ * Returns as dropgrad_bernoulli does, or -2 when the key table could not be
+ * allocated (nothing is changed then).
+ */
+int dropgrad_bernoulli_keyed(int32_t dtype, int64_t count, const uint64_t *pointers,
+                             const int64_t *sizes, const int64_t *starts,
+                             const uint64_t *positions, uint64_t step_key,
+                             uint32_t threshold, double factor, int32_t parts,
+                             int32_t threads) {
+    int64_t *keys = malloc((size_t)(count > 0 ? count : 1) * 2 * sizeof *keys);
+    if (keys == NULL) {
+        return -2;
+    }
+    for (int64_t t = 0; t < count; t++) {
+        const uint64_t key = splitmix64(step_key ^ positions[t]);
+        keys[2 * t] = (int64_t)((key & UINT64_C(0xFFFFFFFF)) | 1u);
+        keys[2 * t + 1] = (int64_t)(key >> 32);
+    }
+    const int code = dropgrad_bernoulli(dtype, count, pointers, sizes, starts, keys, threshold,
+                                        factor, parts, threads);
+    free(keys);
+    return code;
 }
